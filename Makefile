@@ -1,0 +1,34 @@
+# Every target installs what it needs first, so a fresh machine needs nothing done by hand.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip install -c constraints.txt
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test lint fit-tiny clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the pinned pair keeps pip from resolving another build through a dependency.
+	$(PIP) -q torch torchvision
+	$(PIP) -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+# The three stages on the CPU at toy size, each starting from the previous one's checkpoint.
+fit-tiny: install
+	$(BIN)/python -m morph_lightning fit --config tiny/stage1.yaml
+	$(BIN)/python -m morph_lightning fit --config tiny/stage2.yaml
+	$(BIN)/python -m morph_lightning fit --config tiny/stage3.yaml
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache

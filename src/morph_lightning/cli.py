@@ -1,0 +1,48 @@
+"""`python -m morph_lightning fit|validate|test|predict --config FILE` through LightningCLI.
+
+A bare config name (`--config stage2.yaml`, `--config tiny/stage1.yaml`) that is not a file here is
+looked up in the project's `configs/` folder. OmegaConf interpolation is on (`${...}`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from morph_lightning.stages.base import MorphStage
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def resolve_config(value: str) -> str:
+    """A path that exists as given wins; otherwise try `configs/<value>`."""
+    if Path(value).exists() or not (CONFIG_DIR / value).exists():
+        return value
+    return str(CONFIG_DIR / value)
+
+
+def _resolve_args(args: list[str]) -> list[str]:
+    out, it = [], iter(args)
+    for arg in it:
+        if arg == "--config":
+            out += [arg, resolve_config(next(it, ""))]
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve_config(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+    return out
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    args = _resolve_args(sys.argv[1:] if args is None else list(args))
+    return LightningCLI(
+        MorphStage,
+        None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

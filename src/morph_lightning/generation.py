@@ -1,0 +1,137 @@
+"""Batched generation with the KV cache: text, and images between <img> and </img>.
+
+In text mode morph ids are masked; after <img> only morph ids and </img> may follow, and </img> is
+forced after 32 morph tokens. M̂ is collected per step (the hidden state that emitted each morph token,
+or its codebook vector for `post_mllm: codes`), completed with <Emp> or trimmed, then decoded to VQGAN
+codes and pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from morph_lightning.modeling.model import GenerationOutput, MorphModel
+from morph_lightning.modeling.sampling import sample_next
+from morph_lightning.modeling.sequence import Sample, build_sequences
+
+IMAGE_MARK = "<image>"
+
+
+def _allowed_mask(model: MorphModel, in_image: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: which ids each row may emit next."""
+    v = model.vocab
+    ids = torch.arange(v.size, device=in_image.device)
+    morph = v.is_morph(ids)
+    text_mode = ~morph & (ids != v.img_end) & (ids != v.emp)
+    image_mode = morph | (ids == v.img_end)
+    full = count >= model.num_tokens
+    allowed = torch.where(in_image.unsqueeze(1), image_mode.unsqueeze(0), text_mode.unsqueeze(0))
+    only_close = (ids == v.img_end).unsqueeze(0).expand_as(allowed)
+    return torch.where((in_image & full).unsqueeze(1), only_close, allowed)
+
+
+@torch.no_grad()
+def generate(
+    model: MorphModel,
+    prompts: list[Sample],
+    vision_pixels: torch.Tensor | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    image_temperature: float = 1.0,
+    image_top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Continue each prompt (its `answer` empty); images in prompts index into `vision_pixels`."""
+    v, tok = model.vocab, model.llm.tokenizer
+    device = model.llm.new_head.weight.device
+    if vision_pixels is not None and len(vision_pixels):
+        enc = model.encode_images(vision_pixels.to(device))
+        codes = enc.ids
+    else:
+        enc, codes = None, torch.zeros(0, model.num_tokens, dtype=torch.long)
+    batch = build_sequences(prompts, codes, v, tok, pad_left=True, add_eos=False)
+    batch = type(batch)(*(t.to(device) if torch.is_tensor(t) else t for t in vars(batch).values()))
+    out = model.llm(
+        model.llm.embed(batch.input_ids, model.morph_vectors(batch, enc)),
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=True,
+    )
+    rows = len(prompts)
+    mask, pos = batch.attention_mask, batch.position_ids[:, -1]
+    in_image = torch.zeros(rows, dtype=torch.bool, device=device)
+    count = torch.zeros(rows, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    mhat_rows: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+    finished_images: list[tuple[int, torch.Tensor]] = []
+    codebook = model.encoder.quantizer.codebook
+    hidden, logits, past = out.hidden[:, -1], out.logits[:, -1], out.past_key_values
+    for _ in range(max_new_tokens):
+        logits = logits.float().masked_fill(~_allowed_mask(model, in_image, count), float("-inf"))
+        text_next = sample_next(logits, temperature, top_k, top_p, generator)
+        image_next = sample_next(logits, image_temperature, image_top_k, None, generator)
+        nxt = torch.where(in_image, image_next, text_next)
+        nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+        is_morph = v.is_morph(nxt) & ~done
+        for b in range(rows):
+            if done[b]:
+                continue
+            t = int(nxt[b])
+            generated[b].append(t)
+            if is_morph[b]:
+                vec = hidden[b] if model.post_mllm == "hidden" else codebook[t - v.morph_offset]
+                mhat_rows[b].append(vec)
+            elif t == v.img_end:
+                finished_images.append(
+                    (
+                        b,
+                        model.complete_mhat(
+                            torch.stack(mhat_rows[b]) if mhat_rows[b] else model.emp_vector()[:0]
+                        ),
+                    )
+                )
+                mhat_rows[b] = []
+        count = torch.where(is_morph, count + 1, torch.where(nxt == v.img_end, 0, count))
+        in_image = (in_image | (nxt == v.img_start)) & (nxt != v.img_end)
+        done = done | (nxt == tok.eos_token_id)
+        if bool(done.all()):
+            break
+        morph_vecs = codebook[v.codes(nxt)].unsqueeze(1)
+        embeds = model.llm.embed(nxt.unsqueeze(1), morph_vecs)
+        mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
+        pos = pos + 1
+        out = model.llm(
+            embeds, attention_mask=mask, position_ids=pos.unsqueeze(1), past_key_values=past, use_cache=True
+        )
+        hidden, logits, past = out.hidden[:, -1], out.logits[:, -1], out.past_key_values
+
+    images: list[list[int]] = [[] for _ in range(rows)]
+    pixels = None
+    if finished_images:
+        mhat = torch.stack([m for _, m in finished_images]).to(model.decoder_dtype)
+        x = model.decoder.generate(
+            mhat, temperature=image_temperature, top_k=image_top_k, generator=generator
+        )
+        pixels = model.vqgan.decode_codes(x).clamp(-1, 1)
+        for k, (b, _) in enumerate(finished_images):
+            images[b].append(k)
+    return GenerationOutput(texts=[_render(model, ids) for ids in generated], images=images, pixels=pixels)
+
+
+def _render(model: MorphModel, ids: list[int]) -> str:
+    """Decode text, showing each generated image as one mark."""
+    v, pieces, text, inside = model.vocab, [], [], False
+    for t in ids:
+        if t == v.img_start:
+            pieces.append(model.llm.tokenizer.decode(text, skip_special_tokens=True))
+            text, inside = [], True
+            pieces.append(IMAGE_MARK)
+        elif t == v.img_end:
+            inside = False
+        elif not inside and v.is_text(torch.tensor(t)):
+            text.append(t)
+    pieces.append(model.llm.tokenizer.decode(text, skip_special_tokens=True))
+    return "".join(pieces)

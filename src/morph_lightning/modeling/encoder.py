@@ -1,0 +1,41 @@
+"""Morph-token encoder, Eq. (1): M = Quantizer(MLP(Qformer(V))) (paper Section 3.1, Appendix B)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from morph_lightning.modeling.qformer import DeconfoundedQFormer
+from morph_lightning.modeling.quantizer import MorphQuantizer
+
+
+@dataclass
+class EncoderOutput:
+    ids: Tensor  # [B, num_tokens] morph-token ids (long)
+    z_q: Tensor  # [B, num_tokens, code_dim] codebook vectors, gradient straight through to the encoder
+    quant_loss: Tensor
+    perplexity: Tensor
+    usage: Tensor
+
+
+class MorphEncoder(nn.Module):
+    def __init__(self, qformer: DeconfoundedQFormer, quantizer: MorphQuantizer) -> None:
+        super().__init__()
+        self.qformer = qformer
+        self.mlp = nn.Sequential(
+            nn.Linear(qformer.dim, qformer.dim), nn.GELU(), nn.Linear(qformer.dim, quantizer.dim)
+        )
+        self.quantizer = quantizer
+
+    @property
+    def num_tokens(self) -> int:
+        return self.qformer.num_queries
+
+    @property
+    def code_dim(self) -> int:
+        return self.quantizer.dim
+
+    def forward(self, patch_tokens: Tensor) -> EncoderOutput:
+        q = self.quantizer(self.mlp(self.qformer(patch_tokens)))
+        return EncoderOutput(ids=q.ids, z_q=q.z_q, quant_loss=q.loss, perplexity=q.perplexity, usage=q.usage)

@@ -1,0 +1,148 @@
+"""The MLLM: any HF causal LM with LoRA, extended by the special and morph tokens.
+
+The base model's text embedding and head stay frozen and untouched (no resize): the new rows live in
+`new_embed` / `new_head`, and a morph token's input embedding is `morph_in` applied to its codebook
+vector, so a straight-through z_q from the encoder carries Eq. 4's gradient into the encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from morph_lightning.modeling.tokens import MorphVocab, extend_tokenizer
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A real byte-level tokenizer built in code (256 bytes + <s> </s> <pad>) for tiny random LLMs."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@dataclass
+class LLMOutput:
+    hidden: torch.Tensor  # [B, T, H] last (normed) hidden states
+    logits: torch.Tensor  # [B, T, vocab.size]
+    past_key_values: object | None = None
+
+
+class MorphLLM(nn.Module):
+    def __init__(
+        self,
+        name_or_path: str | None = "lmsys/vicuna-7b-v1.1",
+        config: dict | None = None,
+        tokenizer: str | None = None,
+        num_morph_tokens: int = 8192,
+        code_dim: int = 32,
+        lora_r: int = 64,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        torch_dtype = getattr(torch, dtype) if dtype else None
+        if config is not None:  # a fresh random model, e.g. {"model_type": "llama", "hidden_size": 64, ...}
+            config = dict(config)
+            hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
+            self.hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
+        elif name_or_path is not None:
+            self.hf = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        else:
+            raise ValueError("llm: give `name_or_path` (HF path or hub id) or `config` (a random model)")
+        tok_source = tokenizer or (name_or_path if config is None else None)
+        self.tokenizer: PreTrainedTokenizerBase = (
+            AutoTokenizer.from_pretrained(tok_source) if tok_source else byte_level_tokenizer()
+        )
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+        rows = self.hf.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > rows:
+            raise ValueError(
+                f"llm: tokenizer has {len(self.tokenizer)} tokens but the model only {rows} rows"
+            )
+        self.vocab: MorphVocab = extend_tokenizer(self.tokenizer, num_morph_tokens)
+
+        self.hf.requires_grad_(False)
+        if lora_r > 0:
+            lora = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=list(lora_target_modules),
+            )
+            # In place, no wrapper: the LoRA weights sit in this module's own state dict.
+            inject_adapter_in_model(lora, self.hf)
+            for name, p in self.hf.named_parameters():
+                p.requires_grad_("lora_" in name)
+        if gradient_checkpointing:
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        hidden = self.hf.config.get_text_config().hidden_size
+        self.hidden_size = hidden
+        self.new_embed = nn.Embedding(3, hidden)  # <img>, </img>, <Emp>
+        self.morph_in = nn.Linear(code_dim, hidden)
+        self.new_head = nn.Linear(hidden, self.vocab.num_new, bias=False)
+        std = self.hf.get_input_embeddings().weight.float().std().item()
+        nn.init.normal_(self.new_embed.weight, std=std)
+        nn.init.normal_(self.new_head.weight, std=0.02)
+
+    @property
+    def stack(self) -> nn.Module:
+        """The decoder stack without its head (LoRA already injected into it)."""
+        return getattr(self.hf, self.hf.base_model_prefix)
+
+    @property
+    def emp_embedding(self) -> torch.Tensor:
+        return self.new_embed.weight[2]
+
+    def embed(self, ids: torch.Tensor, morph_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] -> input embeddings [B, T, H]; `morph_vectors` [B, T, code_dim] at morph positions."""
+        v = self.vocab
+        text = self.hf.get_input_embeddings()(ids.clamp(0, v.text_size - 1))
+        special = self.new_embed((ids - v.text_size).clamp(0, 2)).to(text.dtype)
+        out = torch.where((ids >= v.text_size).unsqueeze(-1), special, text)
+        is_morph = v.is_morph(ids)
+        if morph_vectors is not None:
+            morph = self.morph_in(morph_vectors.to(self.morph_in.weight.dtype)).to(text.dtype)
+            out = torch.where(is_morph.unsqueeze(-1), morph, out)
+        elif bool(is_morph.any()):
+            raise ValueError("morph ids in the sequence but no morph vectors given")
+        return out
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        text = self.hf.get_output_embeddings()(hidden)[..., : self.vocab.text_size]
+        return torch.cat([text, self.new_head(hidden.to(self.new_head.weight.dtype)).to(text.dtype)], dim=-1)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: object | None = None,
+        use_cache: bool = False,
+    ) -> LLMOutput:
+        out = self.stack(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state
+        return LLMOutput(hidden=hidden, logits=self.head(hidden), past_key_values=out.past_key_values)

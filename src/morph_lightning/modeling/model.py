@@ -1,0 +1,162 @@
+"""MorphModel: vision tower -> encoder -> MLLM -> decoder -> VQGAN, with the paper's data flow.
+
+Comprehension reads M (pre-MLLM morph tokens from the encoder). Generation reads M̂ (post-MLLM), which
+no loss ties to M: stage 2 trains M̂ only through the decoder's reconstruction loss (Eq. 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from morph_lightning.modeling.build import build
+from morph_lightning.modeling.decoder import MorphDecoder
+from morph_lightning.modeling.encoder import EncoderOutput, MorphEncoder
+from morph_lightning.modeling.llm import LLMOutput, MorphLLM
+from morph_lightning.modeling.qformer import DeconfoundedQFormer
+from morph_lightning.modeling.quantizer import MorphQuantizer
+from morph_lightning.modeling.sequence import SequenceBatch
+from morph_lightning.modeling.vision import VisionBackbone
+from morph_lightning.modeling.vqgan import VQGAN
+
+PostMLLM = Literal["hidden", "codes"]
+
+
+@dataclass
+class GenerationOutput:
+    texts: list[str]  # per row, the generated text with each image shown as "<image>"
+    images: list[list[int]]  # per row, indices into `pixels` of the images it generated
+    pixels: torch.Tensor | None  # [K, 3, R, R] in [-1, 1]
+
+
+class MorphModel(nn.Module):
+    def __init__(
+        self,
+        vision: dict[str, Any] | None = None,
+        qformer: dict[str, Any] | None = None,
+        quantizer: dict[str, Any] | None = None,
+        llm: dict[str, Any] | None = None,
+        decoder: dict[str, Any] | None = None,
+        vqgan: dict[str, Any] | None = None,
+        vqgan_checkpoint: str | None = None,
+        post_mllm: PostMLLM = "hidden",
+        gumbel_tau: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if post_mllm not in ("hidden", "codes"):
+            raise ValueError(f"model.post_mllm must be 'hidden' or 'codes', got {post_mllm!r}")
+        self.post_mllm = post_mllm
+        self.gumbel_tau = gumbel_tau
+
+        # Frozen towers (the paper's pretrained CLIP-ViT and VQGAN).
+        self.vision = build(VisionBackbone, vision, "model.vision")
+        if vqgan_checkpoint:
+            self.vqgan = VQGAN.from_taming_checkpoint(vqgan_checkpoint, **(vqgan or {}))
+        else:
+            self.vqgan = build(VQGAN, vqgan, "model.vqgan")
+        self.vqgan.requires_grad_(False).eval()
+
+        vq_codebook = self.vqgan.codebook
+        qf = build(
+            DeconfoundedQFormer,
+            qformer,
+            "model.qformer",
+            vision_dim=self.vision.out_dim,
+            dict_size=vq_codebook.shape[0],
+            dict_dim=vq_codebook.shape[1],
+        )
+        quant = build(MorphQuantizer, quantizer, "model.quantizer")
+        if qf.deconfound:  # the confounder dictionary starts as the VQGAN's codebook (Appendix B)
+            qf.init_dictionary(vq_codebook.detach().float())
+        self.encoder = MorphEncoder(qf, quant)
+        self.llm = build(
+            MorphLLM,
+            llm,
+            "model.llm",
+            num_morph_tokens=quant.codebook.shape[0],
+            code_dim=self.encoder.code_dim,
+        )
+        prefix_dim = self.llm.hidden_size if post_mllm == "hidden" else self.encoder.code_dim
+        self.decoder = build(
+            MorphDecoder,
+            decoder,
+            "model.decoder",
+            vocab_size=self.vqgan.codebook.shape[0],
+            n_codes=self.vqgan.codes_per_image,
+            n_prefix=self.encoder.num_tokens,
+            prefix_dim=prefix_dim,
+        )
+
+    def train(self, mode: bool = True) -> MorphModel:
+        super().train(mode)
+        self.vqgan.eval()  # frozen towers never leave eval mode
+        return self
+
+    @property
+    def vocab(self):
+        return self.llm.vocab
+
+    @property
+    def num_tokens(self) -> int:
+        return self.encoder.num_tokens
+
+    # ---- towers -------------------------------------------------------------------------------
+    def encode_images(self, vision_pixels: torch.Tensor) -> EncoderOutput:
+        """Images (normalised for the vision tower) -> pre-MLLM morph tokens M."""
+        return self.encoder(self.vision(vision_pixels))
+
+    @torch.no_grad()
+    def vqgan_codes(self, vqgan_pixels: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> X, the VQGAN codes [N, codes_per_image]."""
+        return self.vqgan.encode_to_codes(vqgan_pixels)
+
+    # ---- MLLM ---------------------------------------------------------------------------------
+    def morph_vectors(self, batch: SequenceBatch, enc: EncoderOutput | None) -> torch.Tensor | None:
+        """The codebook vector behind every morph position: the encoder's straight-through z_q."""
+        is_slot = batch.image_slot >= 0
+        if enc is None or not bool(is_slot.any()):
+            return None
+        flat = enc.z_q.reshape(-1, enc.z_q.shape[-1])
+        return flat[batch.image_slot.clamp(min=0)] * is_slot.unsqueeze(-1)
+
+    def run_llm(self, batch: SequenceBatch, enc: EncoderOutput | None) -> LLMOutput:
+        embeds = self.llm.embed(batch.input_ids, self.morph_vectors(batch, enc))
+        return self.llm(embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+
+    def post_mllm_tokens(self, out: LLMOutput, targets: list[tuple[int, int, int]]) -> torch.Tensor:
+        """M̂ [K, 32, D] of each target image: read at the positions that emit its morph tokens."""
+        n = self.num_tokens
+        if self.post_mllm == "hidden":
+            return torch.stack([out.hidden[b, p : p + n] for b, p, _ in targets])
+        # 'codes': the released inference path (ids -> codebook vectors), made differentiable with a
+        # straight-through Gumbel-softmax over the morph logits.
+        off = self.vocab.morph_offset
+        logits = torch.stack([out.logits[b, p : p + n, off:] for b, p, _ in targets])
+        one_hot = F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True)
+        return one_hot @ self.encoder.quantizer.codebook
+
+    def decoder_loss(self, mhat: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Eq. 6: cross-entropy of the decoder on X given M̂."""
+        return self.decoder.loss(mhat.to(self.decoder_dtype), codes)
+
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        return next(self.decoder.parameters()).dtype
+
+    def emp_vector(self) -> torch.Tensor:
+        """What fills M̂ when the LLM closes an image early (<Emp>, Section 3.4)."""
+        if self.post_mllm == "hidden":
+            return self.llm.emp_embedding
+        return torch.zeros(self.encoder.code_dim, device=self.llm.emp_embedding.device)
+
+    def complete_mhat(self, mhat: torch.Tensor) -> torch.Tensor:
+        """Pad M̂ [n, D] with <Emp> up to 32 rows, or trim it to 32."""
+        n = self.num_tokens
+        if mhat.shape[0] >= n:
+            return mhat[:n]
+        pad = self.emp_vector().to(mhat.dtype).expand(n - mhat.shape[0], -1)
+        return torch.cat([mhat, pad])

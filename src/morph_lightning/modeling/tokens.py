@@ -1,0 +1,77 @@
+"""The one place that owns the id layout of the MLLM's vocabulary.
+
+ids [0, text_size)                   the LLM's own text tokens
+text_size + 0, 1, 2                  <img>, </img>, <Emp>
+text_size + 3 + k, k < num_morph     morph token k (codebook entry k)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+SPECIAL_TOKENS = ("<img>", "</img>", "<Emp>")
+
+
+def morph_token(k: int) -> str:
+    return f"<morph_{k:05d}>"
+
+
+@dataclass(frozen=True)
+class MorphVocab:
+    text_size: int
+    num_morph: int
+
+    @property
+    def img_start(self) -> int:
+        return self.text_size
+
+    @property
+    def img_end(self) -> int:
+        return self.text_size + 1
+
+    @property
+    def emp(self) -> int:
+        return self.text_size + 2
+
+    @property
+    def morph_offset(self) -> int:
+        return self.text_size + len(SPECIAL_TOKENS)
+
+    @property
+    def num_new(self) -> int:
+        """Rows beyond the text vocabulary: the specials and the morph tokens."""
+        return len(SPECIAL_TOKENS) + self.num_morph
+
+    @property
+    def size(self) -> int:
+        return self.text_size + self.num_new
+
+    def morph_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes + self.morph_offset
+
+    def is_morph(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids >= self.morph_offset
+
+    def is_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids >= 0) & (ids < self.text_size)
+
+    def codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Morph ids back to codebook indices (non-morph ids clamp to 0; mask them yourself)."""
+        return (ids - self.morph_offset).clamp(min=0)
+
+
+def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, num_morph: int) -> MorphVocab:
+    """Add <img>, </img>, <Emp> and the morph tokens so that their ids follow the layout above."""
+    vocab = MorphVocab(text_size=len(tokenizer), num_morph=num_morph)
+    if tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[0]) not in (None, tokenizer.unk_token_id):
+        raise ValueError("tokenizer already holds <img>: pass the base LLM's tokenizer, not an extended one")
+    tokenizer.add_tokens(
+        list(SPECIAL_TOKENS) + [morph_token(k) for k in range(num_morph)], special_tokens=True
+    )
+    got = tokenizer.convert_tokens_to_ids([SPECIAL_TOKENS[0], morph_token(num_morph - 1)])
+    if got != [vocab.img_start, vocab.size - 1]:
+        raise RuntimeError(f"tokenizer assigned ids {got}, expected {[vocab.img_start, vocab.size - 1]}")
+    return vocab

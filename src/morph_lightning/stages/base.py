@@ -1,0 +1,171 @@
+"""What the three stages share: one MorphModel, the losses' bookkeeping, AdamW + cosine, checkpoints."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from morph_lightning.modeling.build import build
+from morph_lightning.modeling.encoder import EncoderOutput
+from morph_lightning.modeling.model import MorphModel
+from morph_lightning.modeling.sequence import IGNORE, Sample, SequenceBatch, build_sequences
+
+
+def load_model_weights(path: str) -> dict[str, torch.Tensor]:
+    """The `model.*` weights of a stage checkpoint, read without unpickling code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"init_from: cannot read {path}: {err}") from None
+    state = ckpt.get("state_dict", ckpt)
+    weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    if not weights:
+        raise ValueError(f"init_from: {path} holds no `model.*` weights")
+    return weights
+
+
+class MorphStage(L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        init_from: str | None = None,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.05,
+        warmup_steps: int = 2000,
+        min_lr_ratio: float = 0.0,
+        quant_weight: float = 1.0,
+        decoder_weight: float = 1.0,
+        morph_ar_weight: float = 0.0,
+        max_text_tokens: int = 512,
+        save_frozen_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build(MorphModel, model, "model.init_args.model")
+        if init_from:
+            self._init_from(init_from)
+        # Frozen towers are rebuilt from their sources, so checkpoints may leave them out.
+        self.strict_loading = False
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _frozen_keys(self) -> set[str]:
+        return {n for n, p in self.model.named_parameters() if not p.requires_grad}
+
+    def _init_from(self, path: str) -> None:
+        """Start from the previous stage: model weights only (no optimiser, no step count)."""
+        missing, unexpected = self.model.load_state_dict(load_model_weights(path), strict=False)
+        missing = set(missing) - self._frozen_keys()
+        if missing or unexpected:
+            raise ValueError(
+                f"init_from {path}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.hparams.save_frozen_weights:
+            frozen = {f"model.{k}" for k in self._frozen_keys()}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        have = {k[len("model.") :] for k in checkpoint["state_dict"]}
+        missing = set(self.model.state_dict()) - have - self._frozen_keys()
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable weights: {sorted(missing)[:5]}")
+
+    # ---- the pieces every stage uses -----------------------------------------------------------
+    def sequences(self, samples: list[Sample], enc: EncoderOutput) -> SequenceBatch:
+        m = self.model
+        batch = build_sequences(samples, enc.ids, m.vocab, m.llm.tokenizer, self.hparams.max_text_tokens)
+        return SequenceBatch(*(t.to(self.device) if torch.is_tensor(t) else t for t in vars(batch).values()))
+
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy over the labelled positions, split into text and morph terms for logging."""
+        ce = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none"
+        )
+        labelled = labels.flatten() != IGNORE
+        morph = self.model.vocab.is_morph(labels.flatten()) & labelled
+        text = labelled & ~morph
+        zero = ce.sum() * 0
+        out = {
+            "ce": ce[labelled].mean() if labelled.any() else zero,
+            "text_ce": ce[text].mean() if text.any() else zero,
+            "morph_ce": ce[morph].mean() if morph.any() else zero,
+        }
+        return out
+
+    def decoder_term(self, seq: SequenceBatch, out, vqgan_pixels: torch.Tensor) -> torch.Tensor:
+        """Eq. 6 over every target image of the batch: CE of the decoder on X given M̂."""
+        if not seq.targets:
+            return torch.zeros((), device=self.device)
+        mhat = self.model.post_mllm_tokens(out, seq.targets)
+        index = torch.tensor([i for _, _, i in seq.targets], device=self.device)
+        codes = self.model.vqgan_codes(vqgan_pixels[index])
+        return self.model.decoder_loss(mhat, codes)
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def answer_losses(self, batch: dict[str, Any], samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """Stages 2-3: CE on text answers, decoder CE on X for image answers (+ weighted morph CE)."""
+        h = self.hparams
+        enc = self.model.encode_images(batch["vision_pixels"])
+        seq = self.sequences(samples, enc)
+        out = self.model.run_llm(seq, enc)
+        tok = self.token_losses(out.logits, seq.labels)
+        decoder = self.decoder_term(seq, out, batch["vqgan_pixels"])
+        quant = self.quant_terms(enc)
+        loss = (
+            tok["text_ce"]
+            + h.decoder_weight * decoder
+            + h.morph_ar_weight * tok["morph_ce"]
+            + h.quant_weight * quant["quant"]
+        )
+        return {
+            "loss": loss,
+            "text_ce": tok["text_ce"],
+            "decoder_ce": decoder,
+            "morph_ce": tok["morph_ce"],
+            **quant,
+        }
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.losses(batch)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=self._bs(batch))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=self._bs(batch))
+
+    @staticmethod
+    def _bs(batch: dict[str, Any]) -> int:
+        return len(batch["vision_pixels"])
+
+    def quant_terms(self, enc: EncoderOutput) -> dict[str, torch.Tensor]:
+        return {"quant": enc.quant_loss, "perplexity": enc.perplexity.detach()}
+
+    # ---- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(h.warmup_steps, total)
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to min_lr_ratio
+            if step < warmup:
+                return (step + 1) / warmup
+            t = (step - warmup) / max(1, total - warmup)
+            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
