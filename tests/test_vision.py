@@ -10,13 +10,20 @@ from torch import nn
 from morph_lightning.modeling.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionBackbone
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
-TINY_CLIP = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                 image_size=32, patch_size=8)
+TINY_CLIP = dict(
+    hidden_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=48,
+    image_size=32,
+    patch_size=8,
+)
 
 
 def _tiny_timm(**kw) -> VisionBackbone:
-    return VisionBackbone(backend="timm", name="vit_tiny_patch16_224", pretrained=False,
-                          model_kwargs=dict(TINY_VIT), **kw)
+    return VisionBackbone(
+        backend="timm", name="vit_tiny_patch16_224", pretrained=False, model_kwargs=dict(TINY_VIT), **kw
+    )
 
 
 def test_timm_shapes_and_frozen():
@@ -82,11 +89,16 @@ def test_timm_checkpoint_path(tmp_path, fmt):
         path = tmp_path / "vit.pt"
         torch.save({"state_dict": sd} if fmt == "nested" else sd, path)
     torch.manual_seed(1)  # a different random init would differ if the file were ignored
-    vb = VisionBackbone(backend="timm", name="vit_tiny_patch16_224", pretrained=False,
-                        checkpoint_path=str(path), model_kwargs=dict(TINY_VIT))
+    vb = VisionBackbone(
+        backend="timm",
+        name="vit_tiny_patch16_224",
+        pretrained=False,
+        checkpoint_path=str(path),
+        model_kwargs=dict(TINY_VIT),
+    )
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        expected = ref.forward_features(x)[:, ref.num_prefix_tokens:]
+        expected = ref.forward_features(x)[:, ref.num_prefix_tokens :]
     torch.testing.assert_close(vb(x), expected)
 
 
@@ -122,8 +134,9 @@ def test_transformers_from_saved_dir(tmp_path):
 
 
 def test_transformers_random_from_kwargs():
-    vb = VisionBackbone(backend="transformers", name="unused", pretrained=False, model_kwargs=dict(TINY_CLIP),
-                        drop_cls=False)
+    vb = VisionBackbone(
+        backend="transformers", name="unused", pretrained=False, model_kwargs=dict(TINY_CLIP), drop_cls=False
+    )
     assert vb.num_tokens == 17
     assert vb(torch.randn(1, 3, 32, 32)).shape == (1, 17, 24)
 

@@ -54,6 +54,7 @@ class MorphLLM(nn.Module):
         lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        train_base: bool = False,
     ) -> None:
         super().__init__()
         torch_dtype = getattr(torch, dtype) if dtype else None
@@ -90,6 +91,8 @@ class MorphLLM(nn.Module):
             inject_adapter_in_model(lora, self.hf)
             for name, p in self.hf.named_parameters():
                 p.requires_grad_("lora_" in name)
+        if train_base:  # a random toy LLM has nothing pretrained to adapt: train all of it
+            self.hf.requires_grad_(True)
         if gradient_checkpointing:
             self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -227,8 +227,13 @@ class VisionBackbone(nn.Module):
             raise ValueError(f"expected images of shape [B,3,H,W] or [3,H,W], got {tuple(images01.shape)}.")
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
-                              align_corners=False).clamp_(0.0, 1.0)
+            x = F.interpolate(
+                x,
+                size=(self.image_size, self.image_size),
+                mode="bicubic",
+                antialias=True,
+                align_corners=False,
+            ).clamp_(0.0, 1.0)
         # built per call (not buffers) so a bf16/fp16 cast of the module cannot degrade the statistics
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
@@ -253,21 +258,29 @@ class VisionBackbone(nn.Module):
             out = self.model(pixel_values=pixels, interpolate_pos_encoding=self.interpolate_pos_encoding)
             tokens = out.last_hidden_state
         else:
-            out = self.model(pixel_values=pixels, interpolate_pos_encoding=self.interpolate_pos_encoding,
-                             output_hidden_states=True)
+            out = self.model(
+                pixel_values=pixels,
+                interpolate_pos_encoding=self.interpolate_pos_encoding,
+                output_hidden_states=True,
+            )
             tokens = out.hidden_states[self.feature_layer]
-        return tokens[:, self._num_prefix:] if self.drop_cls else tokens
+        return tokens[:, self._num_prefix :] if self.drop_cls else tokens
 
     def _encode_timm(self, pixels: Tensor) -> Tensor:
         if self.feature_layer == -1:
             tokens = self.model.forward_features(pixels)
-            return tokens[:, self._num_prefix:] if self.drop_cls else tokens
+            return tokens[:, self._num_prefix :] if self.drop_cls else tokens
         # hidden_states index -> absolute block index (hidden_states[k] is the output of block k-1)
         n = self._depth + 1
         block = self.feature_layer % n - 1
         feats = self.model.forward_intermediates(
-            pixels, indices=[block], return_prefix_tokens=not self.drop_cls, norm=False, stop_early=True,
-            output_fmt="NLC", intermediates_only=True,
+            pixels,
+            indices=[block],
+            return_prefix_tokens=not self.drop_cls,
+            norm=False,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
         )[0]
         if self.drop_cls:
             return feats
