@@ -161,3 +161,28 @@ def test_autoencoder_stage_learns() -> None:
     with torch.no_grad():
         final = stage.vqgan.reconstruction_loss(x)["rec"].item()
     assert final < 0.8 * initial, (initial, final)
+
+
+def test_lightning1_checkpoint_with_callback_class_keys_loads(tmp_path, monkeypatch):
+    """taming's released last.ckpt was written by Lightning 1.x, which keys "callbacks" by class."""
+    import sys
+    import types
+
+    mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        pass
+
+    ModelCheckpoint.__module__ = mod.__name__
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
+    mod.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__):
+        monkeypatch.setitem(sys.modules, name, mod if name == mod.__name__ else types.ModuleType(name))
+    model = VQGAN(**TINY).eval()
+    ckpt = {"state_dict": model.state_dict(), "callbacks": {ModelCheckpoint: {"best_model_score": None}}}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__):
+        monkeypatch.delitem(sys.modules, name)  # the loader must not need Lightning 1.x
+    loaded = VQGAN.from_taming_checkpoint(tmp_path / "last.ckpt", **TINY).eval()
+    codes = torch.randint(0, TINY["n_embed"], (1, 64))
+    assert torch.equal(loaded.decode_codes(codes), model.decode_codes(codes))

@@ -36,7 +36,11 @@ def _resolve_args(args: list[str]) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
-    args = _resolve_args(sys.argv[1:] if args is None else list(args))
+    """Run from the command line (`args=None`, reads sys.argv) or from Python with a list of args."""
+    if args is None:
+        sys.argv[1:] = _resolve_args(sys.argv[1:])
+    else:
+        args = _resolve_args(list(args))
     return LightningCLI(
         MorphStage,
         None,

@@ -10,7 +10,12 @@ T = TypeVar("T")
 
 
 def build(cls: type[T], kwargs: dict[str, Any] | None, where: str, **derived: Any) -> T:
-    """`cls(**kwargs, **derived)` after jsonargparse checked `kwargs` against `cls`'s signature.
+    """`cls(**kwargs, **derived)` after `checked_kwargs`."""
+    return cls(**checked_kwargs(cls, kwargs, where, **derived), **derived)
+
+
+def checked_kwargs(cls: type, kwargs: dict[str, Any] | None, where: str, **derived: Any) -> dict[str, Any]:
+    """`kwargs` after jsonargparse checked them against `cls`'s signature (names and types).
 
     `derived` are sizes another component fixes (e.g. the decoder's prefix width is the LLM's hidden
     size); setting one of them in the config is an error, so the two can never disagree silently.
@@ -25,4 +30,4 @@ def build(cls: type[T], kwargs: dict[str, Any] | None, where: str, **derived: An
         cfg = parser.parse_object(kwargs)
     except Exception as err:  # jsonargparse names the offending key; add where it sits
         raise ValueError(f"{where}: {err}") from None
-    return cls(**parser.instantiate_classes(cfg).as_dict(), **derived)
+    return parser.instantiate_classes(cfg).as_dict()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from morph_lightning.modeling.build import build
+from morph_lightning.modeling.build import build, checked_kwargs
 from morph_lightning.modeling.decoder import MorphDecoder
 from morph_lightning.modeling.encoder import EncoderOutput, MorphEncoder
 from morph_lightning.modeling.llm import LLMOutput, MorphLLM
@@ -55,7 +55,9 @@ class MorphModel(nn.Module):
         # Frozen towers (the paper's pretrained CLIP-ViT and VQGAN).
         self.vision = build(VisionBackbone, vision, "model.vision")
         if vqgan_checkpoint:
-            self.vqgan = VQGAN.from_taming_checkpoint(vqgan_checkpoint, **(vqgan or {}))
+            self.vqgan = VQGAN.from_taming_checkpoint(
+                vqgan_checkpoint, **checked_kwargs(VQGAN, vqgan, "model.vqgan")
+            )
         else:
             self.vqgan = build(VQGAN, vqgan, "model.vqgan")
         self.vqgan.requires_grad_(False).eval()

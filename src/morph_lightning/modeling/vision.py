@@ -3,7 +3,7 @@
 The paper encodes images with EVA-CLIP-g (224 px, patch 14 -> 256 patch tokens) and keeps it
 frozen. :class:`VisionBackbone` wraps two interchangeable implementations:
 
-* ``backend="timm"`` - any timm ViT-like model (default ``eva_giant_patch14_224.clip_ft_in1k``),
+* ``backend="timm"`` - any timm ViT-like model (default ``eva_giant_patch14_clip_224.laion400m``),
   built with ``timm.create_model(name, num_classes=0, **model_kwargs)``;
 * ``backend="transformers"`` - a Hugging Face ``CLIPVisionModel`` (e.g. ``openai/clip-vit-large-patch14``
   or a local directory written by ``save_pretrained``; a full ``CLIPModel`` checkpoint works too, its
@@ -34,7 +34,7 @@ class VisionBackbone(nn.Module):
 
     Args:
         backend: ``"timm"`` or ``"transformers"``.
-        name: timm model name (``"eva_giant_patch14_224.clip_ft_in1k"``) or, for ``transformers``, a hub id
+        name: timm model name (``"eva_giant_patch14_clip_224.laion400m"``) or, for ``transformers``, a hub id
             or a local directory.
         pretrained: load pretrained weights. timm: from the hub / local hub cache (ignored when
             ``checkpoint_path`` is given: the file wins). transformers: ``CLIPVisionModel.from_pretrained``;
@@ -70,7 +70,7 @@ class VisionBackbone(nn.Module):
     def __init__(
         self,
         backend: str = "timm",
-        name: str = "eva_giant_patch14_224.clip_ft_in1k",
+        name: str = "eva_giant_patch14_clip_224.laion400m",
         pretrained: bool = True,
         checkpoint_path: str | None = None,
         model_kwargs: dict[str, Any] | None = None,

@@ -288,7 +288,8 @@ class VQGAN(nn.Module):
     def from_taming_checkpoint(cls, path: str | Path, **arch_kwargs) -> VQGAN:
         """Builds a VQGAN from ``arch_kwargs`` and loads a taming Lightning checkpoint or plain state dict."""
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_TAMING_CALLBACK_KEYS):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             raise ValueError(
                 f"{path}: cannot be read with torch.load(weights_only=True) (it pickles more than tensors). "
@@ -301,6 +302,17 @@ class VQGAN(nn.Module):
         model = cls(**arch_kwargs)
         load_taming_state_dict(model, state_dict, str(path))
         return model
+
+
+class _CallbackKey:
+    """Stands in for the callback classes that Lightning 1.x checkpoints (taming's) use as dict keys
+    under "callbacks": a key is only a name, so nothing of Lightning 1.x is imported or run."""
+
+
+_TAMING_CALLBACK_KEYS = [
+    (_CallbackKey, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_CallbackKey, "pytorch_lightning.callbacks.early_stopping.EarlyStopping"),
+]
 
 
 def load_taming_state_dict(model: VQGAN, state_dict: Mapping[str, Tensor], path_for_errors: str) -> None:

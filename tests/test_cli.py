@@ -1,0 +1,264 @@
+"""The CLI and the paper-scale configs: values, config lookup, start-up errors.
+
+Fast: the paper configs are only parsed (`--print_config` exits before anything is built), so the
+7B model is never loaded. Start-up errors on the paper configs also pass `--print_config`, so a parse
+that wrongly succeeded would print and exit 0 (and fail the test) rather than build anything.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from morph_lightning.cli import CONFIG_DIR, main, resolve_config
+from morph_lightning.modeling.build import build
+from morph_lightning.modeling.model import MorphModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """`python -m morph_lightning ARGS` in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    code = exc.value.code
+    return (0 if code is None else code), out, err
+
+
+def print_config(config: str, capsys, *extra: str) -> dict:
+    code, out, err = run_cli(["fit", "--config", config, *extra, "--print_config"], capsys)
+    assert code == 0, err
+    return yaml.safe_load(out)
+
+
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path, monkeypatch):
+    """Run from an empty folder: bare config names must come from configs/, and nothing is written here."""
+    monkeypatch.chdir(tmp_path)
+
+
+# ---- the paper's values ---------------------------------------------------------------------------
+def check_shared_paper_values(cfg: dict) -> None:
+    """Values every stage shares (Section 3.4, Appendix C.2, DESIGN.md's paper hyper-parameters)."""
+    t = cfg["trainer"]
+    assert t["accelerator"] == "gpu"
+    assert (t["devices"], t["num_nodes"]) == (8, 2)  # 16 GPUs
+    assert t["precision"] == "bf16-mixed"
+    (ckpt,) = [c for c in t["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert ckpt["init_args"]["every_n_train_steps"] == 5000
+    assert ckpt["init_args"]["save_last"] is True
+    assert t["logger"]["class_path"].endswith("TensorBoardLogger")
+
+    h = cfg["model"]["init_args"]
+    assert h["betas"] == [0.9, 0.999]
+    assert h["weight_decay"] == 0.05
+    assert h["warmup_steps"] == 2000
+    assert h["max_text_tokens"] == 512  # |Y| <= 512
+
+    m = h["model"]
+    assert m["llm"]["name_or_path"] == "lmsys/vicuna-7b-v1.1"
+    assert m["llm"]["dtype"] == "bfloat16"
+    assert m["llm"]["lora_r"] == 64
+    assert m["llm"]["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert (m["llm"]["lora_alpha"], m["llm"]["lora_dropout"]) == (16, 0.05)
+    assert m["llm"]["train_base"] is False  # LoRA only (Appendix C.2)
+    assert m["vision"]["name"] == "eva_giant_patch14_clip_224.laion400m"
+    assert m["vision"]["pretrained"] is True
+    assert m["vision"]["image_size"] == 224
+    assert m["qformer"] == {"num_queries": 32, "dim": 768, "depth": 12, "num_heads": 12, "deconfound": True}
+    assert m["quantizer"]["codebook_size"] == 8192
+    assert m["decoder"] == {"n_layer": 48, "n_head": 24, "n_embd": 1536}  # nothing derived is set
+    assert m["vqgan"]["n_embed"] == 16384
+    assert m["vqgan"]["resolution"] == 256
+    assert m["vqgan"]["ch_mult"] == [1, 1, 2, 2, 4]  # f16: 256 px -> 16 x 16 codes
+    assert m["vqgan_checkpoint"] == "checkpoints/vqgan_imagenet_f16_16384/last.ckpt"
+
+    d = cfg["data"]["init_args"]
+    assert (d["vision_size"], d["vqgan_size"]) == (224, 256)
+
+
+def test_stage2_print_config_has_the_paper_values(capsys):
+    cfg = print_config("stage2.yaml", capsys)  # a bare name, found in configs/
+    check_shared_paper_values(cfg)
+    assert cfg["model"]["class_path"] == "morph_lightning.stages.Stage2AutoEncode"
+    assert cfg["model"]["init_args"]["lr"] == 0.0001
+    assert cfg["trainer"]["max_steps"] == 200000
+    assert cfg["model"]["init_args"]["init_from"] == "runs/stage1/last.ckpt"
+    assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == "runs/stage2"
+    assert cfg["data"]["init_args"]["instruct"] is False
+
+
+def test_stage2_print_config_text(capsys):
+    """The same values as they read in the printed YAML."""
+    code, out, err = run_cli(["fit", "--config", "stage2.yaml", "--print_config"], capsys)
+    assert code == 0, err
+    for text in (
+        "lr: 0.0001",
+        "max_steps: 200000",
+        "lora_r: 64",
+        "num_queries: 32",
+        "lmsys/vicuna-7b-v1.1",
+        "eva_giant",
+        "n_embed: 16384",
+        "codebook_size: 8192",
+        "max_text_tokens: 512",
+        "weight_decay: 0.05",
+        "- 0.9\n    - 0.999",
+    ):
+        assert text in out, text
+
+
+def test_stage3_print_config(capsys):
+    cfg = print_config("stage3.yaml", capsys)
+    check_shared_paper_values(cfg)
+    assert cfg["model"]["class_path"] == "morph_lightning.stages.Stage3Instruct"
+    assert cfg["model"]["init_args"]["lr"] == 1e-05
+    assert cfg["trainer"]["max_steps"] == 100000
+    assert cfg["model"]["init_args"]["init_from"] == "runs/stage2/last.ckpt"
+    assert cfg["model"]["init_args"]["morph_ar_weight"] == 1.0
+    assert cfg["data"]["init_args"]["instruct"] is True
+
+
+def test_stage1_print_config_through_python_m(tmp_path):
+    """`python -m morph_lightning` itself (the __main__ entry), with `--config=NAME` from another folder."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "morph_lightning", "fit", "--config=stage1.yaml", "--print_config"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    check_shared_paper_values(cfg)
+    assert cfg["model"]["class_path"] == "morph_lightning.stages.Stage1AR"
+    assert cfg["model"]["init_args"]["lr"] == 0.0001
+    assert cfg["trainer"]["max_steps"] == 200000
+    assert cfg["model"]["init_args"]["init_from"] is None
+
+
+# ---- start-up errors: top level (the parser) ------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--model.init_args.lrr", "0.1"], ["lrr"]),
+        (["--trainer.max_stepz", "10"], ["max_stepz"]),
+    ],
+)
+def test_unknown_key_on_the_command_line_stops_naming_it(capsys, args, names):
+    code, out, err = run_cli(["fit", "--config", "stage2.yaml", *args, "--print_config"], capsys)
+    assert code != 0
+    assert out == ""
+    for name in names:
+        assert name in err
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model:\n  init_args:\n    weight_decy: 0.1\n",
+        "trainer:\n  max_stepz: 10\n",
+        "dta:\n  init_args:\n    batch_size: 4\n",
+    ],
+)
+def test_misspelled_key_in_a_yaml_stops_naming_it(tmp_path, capsys, override):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(override)
+    key = override.strip().splitlines()[-1].split(":")[0].strip()
+    code, out, err = run_cli(
+        ["fit", "--config", "stage2.yaml", "--config", str(bad), "--print_config"], capsys
+    )
+    assert code != 0
+    assert out == ""
+    assert key in err
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--trainer.max_steps", "abc"], ["trainer.max_steps", "abc"]),
+        (["--model.init_args.lr", "abc"], ['"lr"', "abc"]),
+        (["--model.init_args.warmup_steps", "1.5"], ['"warmup_steps"', "1.5"]),
+    ],
+)
+def test_wrong_type_stops_naming_the_key(capsys, args, names):
+    code, out, err = run_cli(["fit", "--config", "stage2.yaml", *args, "--print_config"], capsys)
+    assert code != 0
+    assert out == ""
+    for name in names:
+        assert name in err
+
+
+# ---- start-up errors: inside the model section (checked when MorphModel is built) ----------------
+def test_wrong_key_inside_model_stops_the_cli_before_training(tmp_path, capsys):
+    with pytest.raises(ValueError) as exc:
+        main(
+            [
+                "fit",
+                "--config",
+                "tiny/stage1.yaml",
+                "--model.init_args.model.decoder.n_layers",
+                "3",
+                "--trainer.max_steps",
+                "1",
+            ]
+        )
+    msg = str(exc.value)
+    assert "model.decoder" in msg
+    assert "n_layers" in msg
+    assert not list(tmp_path.rglob("*.ckpt"))  # stopped at start-up: no step was taken
+
+
+def test_wrong_key_inside_model_section(tiny_cfg):
+    cfg = dict(tiny_cfg, decoder={"n_layers": 3, "n_head": 2, "n_embd": 64})
+    with pytest.raises(ValueError, match=r"model\.decoder.*n_layers"):
+        build(MorphModel, cfg, "model.init_args.model")
+
+
+def test_wrong_type_inside_model_section(tiny_cfg):
+    cfg = dict(tiny_cfg, qformer={"num_queries": "many", "dim": 32, "depth": 1, "num_heads": 2})
+    with pytest.raises(ValueError, match=r"model\.qformer.*num_queries"):
+        build(MorphModel, cfg, "model.init_args.model")
+
+
+def test_derived_key_in_model_section_is_refused(tiny_cfg):
+    cfg = dict(tiny_cfg, decoder={"n_layer": 2, "n_head": 2, "n_embd": 64, "prefix_dim": 64})
+    with pytest.raises(ValueError, match=r"model\.decoder.*prefix_dim.*derived"):
+        build(MorphModel, cfg, "model.init_args.model")
+
+
+def test_unknown_model_section_is_refused(tiny_cfg):
+    cfg = dict(tiny_cfg, decodr={"n_layer": 2})
+    with pytest.raises(ValueError, match="decodr"):
+        build(MorphModel, cfg, "model.init_args.model")
+
+
+# ---- resolve_config -------------------------------------------------------------------------------
+def test_resolve_config_keeps_an_existing_path(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("seed_everything: 1\n")
+    assert resolve_config(str(mine)) == str(mine)
+    # A file in the working folder wins over configs/ of the same name.
+    (tmp_path / "stage2.yaml").write_text("seed_everything: 1\n")
+    assert resolve_config("stage2.yaml") == "stage2.yaml"
+
+
+def test_resolve_config_maps_a_bare_name_to_configs():
+    for name in ("stage1.yaml", "stage2.yaml", "stage3.yaml", "tiny/stage1.yaml"):
+        resolved = resolve_config(name)
+        assert resolved == str(CONFIG_DIR / name)
+        assert Path(resolved).is_file()
+    assert CONFIG_DIR == ROOT / "configs"
+
+
+def test_resolve_config_leaves_an_unknown_name_alone():
+    assert resolve_config("no_such_config.yaml") == "no_such_config.yaml"
