@@ -199,23 +199,23 @@ def test_wrong_type_stops_naming_the_key(capsys, args, names):
 
 
 # ---- start-up errors: inside the model section (checked when MorphModel is built) ----------------
-def test_wrong_key_inside_model_stops_the_cli_before_training(tmp_path, capsys):
+def test_wrong_key_inside_model_stops_the_cli_before_training(tmp_path):
+    text = (CONFIG_DIR / "tiny" / "stage1.yaml").read_text()
+    assert "decoder: {n_layer: 2" in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("decoder: {n_layer: 2", "decoder: {n_layers: 2"))
     with pytest.raises(ValueError) as exc:
-        main(
-            [
-                "fit",
-                "--config",
-                "tiny/stage1.yaml",
-                "--model.init_args.model.decoder.n_layers",
-                "3",
-                "--trainer.max_steps",
-                "1",
-            ]
-        )
+        main(["fit", "--config", str(bad), "--trainer.max_steps", "1"])
     msg = str(exc.value)
     assert "model.decoder" in msg
     assert "n_layers" in msg
     assert not list(tmp_path.rglob("*.ckpt"))  # stopped at start-up: no step was taken
+
+
+def test_overriding_one_key_inside_the_model_section_is_refused(capsys):
+    """It would replace the whole section (a plain dict) instead of merging into it."""
+    with pytest.raises(SystemExit, match="model.init_args.model.llm.lora_r"):
+        main(["fit", "--config", "tiny/stage1.yaml", "--model.init_args.model.llm.lora_r", "4"])
 
 
 def test_wrong_key_inside_model_section(tiny_cfg):
