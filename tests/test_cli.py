@@ -262,3 +262,10 @@ def test_resolve_config_maps_a_bare_name_to_configs():
 
 def test_resolve_config_leaves_an_unknown_name_alone():
     assert resolve_config("no_such_config.yaml") == "no_such_config.yaml"
+
+
+def test_wrong_generation_key_stops_at_start_up(tiny_cfg):
+    from morph_lightning.stages import Stage3Instruct
+
+    with pytest.raises(ValueError, match=r"generation.*max_new_token"):
+        Stage3Instruct(model=tiny_cfg, generation={"max_new_token": 4})

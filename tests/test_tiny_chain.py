@@ -23,5 +23,21 @@ def test_tiny_stages_chain_through_the_cli(tmp_path, monkeypatch):
         losses = _logged(stage, "train/loss")
         assert len(losses) >= 3 and losses[-1] < losses[0], (stage, losses)
         assert _logged(stage, "val/loss")
+    # the other subcommands, on the stage-3 checkpoint
+    ckpt = ["--config", "tiny/stage3.yaml", "--ckpt_path", "runs/tiny/stage3/last.ckpt"]
+    main(["validate", *ckpt, "--trainer.limit_val_batches", "1"])
+    main(["test", *ckpt, "--trainer.limit_test_batches", "1"])
+    cli = main(
+        [
+            "predict",
+            *ckpt,
+            "--trainer.limit_predict_batches",
+            "1",
+            "--model.init_args.generation",
+            "{max_new_tokens: 4}",
+        ]
+    )
+    (out,) = cli.trainer.predict_loop.predictions
+    assert len(out.texts) == 8 and all(isinstance(t, str) for t in out.texts)
     with pytest.raises(ValueError, match="init_from"):
         main(["fit", "--config", "tiny/stage2.yaml", "--model.init_args.init_from", "missing.ckpt"])

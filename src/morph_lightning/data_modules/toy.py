@@ -158,3 +158,8 @@ class ToyDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.num_val, self.hparams.seed + 1, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.num_val, self.hparams.seed + 2, shuffle=False)
+
+    predict_dataloader = test_dataloader

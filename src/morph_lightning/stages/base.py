@@ -9,10 +9,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from morph_lightning.modeling.build import build
+from morph_lightning.generation import generate
+from morph_lightning.modeling.build import build, checked_kwargs
 from morph_lightning.modeling.encoder import EncoderOutput
-from morph_lightning.modeling.model import MorphModel
-from morph_lightning.modeling.sequence import IGNORE, Sample, SequenceBatch, build_sequences
+from morph_lightning.modeling.model import GenerationOutput, MorphModel
+from morph_lightning.modeling.sequence import IGNORE, ImageRef, Sample, SequenceBatch, build_sequences
 
 
 def load_model_weights(path: str) -> dict[str, torch.Tensor]:
@@ -43,9 +44,14 @@ class MorphStage(L.LightningModule):
         morph_ar_weight: float = 0.0,
         max_text_tokens: int = 512,
         save_frozen_weights: bool = False,
+        generation: dict[str, Any] | None = None,
     ) -> None:
+        """`generation`: keyword arguments of `morph_lightning.generation.generate` for `predict`."""
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.generation = dict(generation or {})
+        given_by_code = dict.fromkeys(("model", "prompts", "vision_pixels", "generator"))
+        checked_kwargs(generate, self.hparams.generation, "model.init_args.generation", **given_by_code)
         self.model = build(MorphModel, model, "model.init_args.model")
         if init_from:
             self._init_from(init_from)
@@ -141,6 +147,18 @@ class MorphStage(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses = self.losses(batch)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=self._bs(batch))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.losses(batch)
+        self.log_dict({f"test/{k}": v for k, v in losses.items()}, batch_size=self._bs(batch))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> GenerationOutput:
+        """Captions each image of a pair batch; answers each prompt of an instruction batch."""
+        if "samples" in batch:
+            prompts = [Sample(prompt=s.prompt) for s in batch["samples"]]
+        else:
+            prompts = [Sample(prompt=[ImageRef(i)]) for i in range(self._bs(batch))]
+        return generate(self.model, prompts, batch["vision_pixels"], **self.hparams.generation)
 
     @staticmethod
     def _bs(batch: dict[str, Any]) -> int:
