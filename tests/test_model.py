@@ -12,7 +12,7 @@ def _batch(instruct: bool = False, n: int = 4) -> dict:
 
 
 def test_shapes_through_the_model(tiny_cfg):
-    model = MorphModel(**tiny_cfg)
+    model = MorphModel(tiny_cfg)
     batch = _batch()
     enc = model.encode_images(batch["vision_pixels"])
     assert enc.ids.shape == (4, model.num_tokens) == (4, 8)
@@ -23,7 +23,7 @@ def test_shapes_through_the_model(tiny_cfg):
 
 def test_frozen_towers_stay_frozen_and_in_eval(tiny_cfg):
     tiny_cfg["llm"]["train_base"] = False  # the paper's setting: the LLM itself is adapted by LoRA only
-    model = MorphModel(**tiny_cfg).train()
+    model = MorphModel(tiny_cfg).train()
     assert not any(p.requires_grad for p in model.vision.parameters())
     assert not any(p.requires_grad for p in model.vqgan.parameters())
     assert not model.vqgan.training and not model.vision.training
@@ -31,12 +31,12 @@ def test_frozen_towers_stay_frozen_and_in_eval(tiny_cfg):
 
 
 def test_deconfounder_dictionary_starts_as_the_vqgan_codebook(tiny_cfg):
-    model = MorphModel(**tiny_cfg)
+    model = MorphModel(tiny_cfg)
     torch.testing.assert_close(model.encoder.qformer.dictionary, model.vqgan.codebook)
 
 
 def test_emp_padding_and_trimming(tiny_cfg):
-    model = MorphModel(**tiny_cfg)
+    model = MorphModel(tiny_cfg)
     h = model.llm.hidden_size
     short = torch.randn(5, h)
     padded = model.complete_mhat(short)
@@ -48,7 +48,7 @@ def test_emp_padding_and_trimming(tiny_cfg):
 
 
 def test_codes_mode_reads_mhat_through_the_codebook(tiny_cfg):
-    model = MorphModel(**tiny_cfg, post_mllm="codes")
+    model = MorphModel({**tiny_cfg, "post_mllm": "codes"})
     assert model.decoder.config.prefix_dim == model.encoder.code_dim
     assert torch.equal(model.emp_vector(), torch.zeros(model.encoder.code_dim))
 
@@ -72,7 +72,7 @@ class _Scripted:
 
 
 def test_generation_pads_an_early_closed_image_with_emp(tiny_cfg, monkeypatch):
-    model = MorphModel(**tiny_cfg).eval()
+    model = MorphModel(tiny_cfg).eval()
     monkeypatch.setattr(model.llm, "head", _Scripted(model))
     seen = {}
     real_generate = model.decoder.generate
@@ -92,7 +92,7 @@ def test_generation_pads_an_early_closed_image_with_emp(tiny_cfg, monkeypatch):
 
 
 def test_batched_text_generation_with_images_in_prompts(tiny_cfg):
-    model = MorphModel(**tiny_cfg).eval()
+    model = MorphModel(tiny_cfg).eval()
     batch = _batch(instruct=True, n=3)
     prompts = [Sample(prompt=s.prompt) for s in batch["samples"]]
     gen = torch.Generator().manual_seed(0)

@@ -23,19 +23,9 @@ def resolve_config(value: str) -> str:
     return str(CONFIG_DIR / value)
 
 
-# `model.init_args.model` is one plain dict: an override of a key inside it would replace the whole
-# section rather than merge into it, silently dropping its other keys.
-NESTED_MODEL = "--model.init_args.model."
-
-
 def _resolve_args(args: list[str]) -> list[str]:
     out, it = [], iter(args)
     for arg in it:
-        if arg.startswith(NESTED_MODEL):
-            raise SystemExit(
-                f"error: {arg.split('=')[0]}: keys inside the model section cannot be overridden one by one "
-                "(the section would be replaced, not merged); copy the config and edit the section there"
-            )
         if arg == "--config":
             out += [arg, resolve_config(next(it, ""))]
         elif arg.startswith("--config="):

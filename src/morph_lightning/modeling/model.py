@@ -7,13 +7,13 @@ no loss ties to M: stage 2 trains M̂ only through the decoder's reconstruction 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from morph_lightning.modeling.build import build, checked_kwargs
+from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_section
 from morph_lightning.modeling.decoder import MorphDecoder
 from morph_lightning.modeling.encoder import EncoderOutput, MorphEncoder
 from morph_lightning.modeling.llm import LLMOutput, MorphLLM
@@ -22,8 +22,6 @@ from morph_lightning.modeling.quantizer import MorphQuantizer
 from morph_lightning.modeling.sequence import SequenceBatch
 from morph_lightning.modeling.vision import VisionBackbone
 from morph_lightning.modeling.vqgan import VQGAN
-
-PostMLLM = Literal["hidden", "codes"]
 
 
 @dataclass
@@ -34,59 +32,37 @@ class GenerationOutput:
 
 
 class MorphModel(nn.Module):
-    def __init__(
-        self,
-        vision: dict[str, Any] | None = None,
-        qformer: dict[str, Any] | None = None,
-        quantizer: dict[str, Any] | None = None,
-        llm: dict[str, Any] | None = None,
-        decoder: dict[str, Any] | None = None,
-        vqgan: dict[str, Any] | None = None,
-        vqgan_checkpoint: str | None = None,
-        post_mllm: PostMLLM = "hidden",
-        gumbel_tau: float = 1.0,
-    ) -> None:
+    def __init__(self, config: MorphModelConfig | dict[str, Any]) -> None:
         super().__init__()
-        if post_mllm not in ("hidden", "codes"):
-            raise ValueError(f"model.post_mllm must be 'hidden' or 'codes', got {post_mllm!r}")
-        self.post_mllm = post_mllm
-        self.gumbel_tau = gumbel_tau
+        self.config = c = parse_section(MorphModelConfig, config, "model")
+        self.post_mllm = c.post_mllm
+        self.gumbel_tau = c.gumbel_tau
 
         # Frozen towers (the paper's pretrained CLIP-ViT and VQGAN).
-        self.vision = build(VisionBackbone, vision, "model.vision")
-        if vqgan_checkpoint:
-            self.vqgan = VQGAN.from_taming_checkpoint(
-                vqgan_checkpoint, **checked_kwargs(VQGAN, vqgan, "model.vqgan")
-            )
+        self.vision = VisionBackbone(**kwargs_of(c.vision))
+        if c.vqgan_checkpoint:
+            self.vqgan = VQGAN.from_taming_checkpoint(c.vqgan_checkpoint, **kwargs_of(c.vqgan))
         else:
-            self.vqgan = build(VQGAN, vqgan, "model.vqgan")
+            self.vqgan = VQGAN(**kwargs_of(c.vqgan))
         self.vqgan.requires_grad_(False).eval()
 
         vq_codebook = self.vqgan.codebook
-        qf = build(
-            DeconfoundedQFormer,
-            qformer,
-            "model.qformer",
+        qf = DeconfoundedQFormer(
+            **kwargs_of(c.qformer),
             vision_dim=self.vision.out_dim,
             dict_size=vq_codebook.shape[0],
             dict_dim=vq_codebook.shape[1],
         )
-        quant = build(MorphQuantizer, quantizer, "model.quantizer")
+        quant = MorphQuantizer(**kwargs_of(c.quantizer))
         if qf.deconfound:  # the confounder dictionary starts as the VQGAN's codebook (Appendix B)
             qf.init_dictionary(vq_codebook.detach().float())
         self.encoder = MorphEncoder(qf, quant)
-        self.llm = build(
-            MorphLLM,
-            llm,
-            "model.llm",
-            num_morph_tokens=quant.codebook.shape[0],
-            code_dim=self.encoder.code_dim,
+        self.llm = MorphLLM(
+            **kwargs_of(c.llm), num_morph_tokens=quant.codebook.shape[0], code_dim=self.encoder.code_dim
         )
-        prefix_dim = self.llm.hidden_size if post_mllm == "hidden" else self.encoder.code_dim
-        self.decoder = build(
-            MorphDecoder,
-            decoder,
-            "model.decoder",
+        prefix_dim = self.llm.hidden_size if c.post_mllm == "hidden" else self.encoder.code_dim
+        self.decoder = MorphDecoder(
+            **kwargs_of(c.decoder),
             vocab_size=self.vqgan.codebook.shape[0],
             n_codes=self.vqgan.codes_per_image,
             n_prefix=self.encoder.num_tokens,

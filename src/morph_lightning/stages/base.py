@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from morph_lightning.generation import generate
-from morph_lightning.modeling.build import build, checked_kwargs
+from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_section, section_of
 from morph_lightning.modeling.encoder import EncoderOutput
 from morph_lightning.modeling.model import GenerationOutput, MorphModel
 from morph_lightning.modeling.sequence import IGNORE, ImageRef, Sample, SequenceBatch, build_sequences
@@ -29,10 +30,16 @@ def load_model_weights(path: str) -> dict[str, torch.Tensor]:
     return weights
 
 
+GenerationSection = section_of(
+    generate, "GenerationSection", skip=("model", "prompts", "vision_pixels", "generator")
+)
+GenerationSection.__module__ = __name__
+
+
 class MorphStage(L.LightningModule):
     def __init__(
         self,
-        model: dict[str, Any],
+        model: MorphModelConfig,
         init_from: str | None = None,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -44,15 +51,17 @@ class MorphStage(L.LightningModule):
         morph_ar_weight: float = 0.0,
         max_text_tokens: int = 512,
         save_frozen_weights: bool = False,
-        generation: dict[str, Any] | None = None,
+        generation: GenerationSection | None = None,
     ) -> None:
-        """`generation`: keyword arguments of `morph_lightning.generation.generate` for `predict`."""
+        """`generation`: the settings of `morph_lightning.generation.generate` used by `predict`."""
         super().__init__()
-        self.save_hyperparameters()
-        self.hparams.generation = dict(generation or {})
-        given_by_code = dict.fromkeys(("model", "prompts", "vision_pixels", "generator"))
-        checked_kwargs(generate, self.hparams.generation, "model.init_args.generation", **given_by_code)
-        self.model = build(MorphModel, model, "model.init_args.model")
+        # Sections may arrive as dicts (a checkpoint's hyper-parameters); stored as plain dicts so that
+        # checkpoints load with weights_only.
+        model = parse_section(MorphModelConfig, model, "model.init_args.model")
+        self.generation = parse_section(GenerationSection, generation, "model.init_args.generation")
+        self.save_hyperparameters(ignore=["model", "generation"])
+        self.hparams.update(model=dataclasses.asdict(model), generation=dataclasses.asdict(self.generation))
+        self.model = MorphModel(model)
         if init_from:
             self._init_from(init_from)
         # Frozen towers are rebuilt from their sources, so checkpoints may leave them out.
@@ -158,7 +167,7 @@ class MorphStage(L.LightningModule):
             prompts = [Sample(prompt=s.prompt) for s in batch["samples"]]
         else:
             prompts = [Sample(prompt=[ImageRef(i)]) for i in range(self._bs(batch))]
-        return generate(self.model, prompts, batch["vision_pixels"], **self.hparams.generation)
+        return generate(self.model, prompts, batch["vision_pixels"], **kwargs_of(self.generation))
 
     @staticmethod
     def _bs(batch: dict[str, Any]) -> int:

@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
+from morph_lightning.modeling.config import MorphModelConfig
 from morph_lightning.modeling.sequence import ImageRef, Sample
 from morph_lightning.stages.base import MorphStage
 
 
 class Stage1AR(MorphStage):
-    def __init__(self, model: dict[str, Any], image_first_prob: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, model: MorphModelConfig, image_first_prob: float = 0.5, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.image_first_prob = image_first_prob
 

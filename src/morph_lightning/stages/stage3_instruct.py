@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
+from morph_lightning.modeling.config import MorphModelConfig
 from morph_lightning.stages.base import MorphStage
 
 
 class Stage3Instruct(MorphStage):
     def __init__(
-        self, model: dict[str, Any], morph_ar_weight: float = 1.0, lr: float = 1e-5, **kwargs: Any
+        self, model: MorphModelConfig, morph_ar_weight: float = 1.0, lr: float = 1e-5, **kwargs: Any
     ) -> None:
         super().__init__(model, morph_ar_weight=morph_ar_weight, lr=lr, **kwargs)
 
