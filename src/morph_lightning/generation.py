@@ -51,8 +51,7 @@ def generate(
         codes = enc.ids
     else:
         enc, codes = None, torch.zeros(0, model.num_tokens, dtype=torch.long)
-    batch = build_sequences(prompts, codes, v, tok, pad_left=True, add_eos=False)
-    batch = type(batch)(*(t.to(device) if torch.is_tensor(t) else t for t in vars(batch).values()))
+    batch = build_sequences(prompts, codes, v, tok, pad_left=True, add_eos=False).to(device)
     out = model.llm(
         model.llm.embed(batch.input_ids, model.morph_vectors(batch, enc)),
         attention_mask=batch.attention_mask,

@@ -25,7 +25,7 @@ from morph_lightning.modeling.vision import VisionBackbone
 from morph_lightning.modeling.vqgan import VQGAN
 
 
-def section_of(target: Callable, name: str, skip: Iterable[str] = ()) -> type:
+def section_of(target: Callable, name: str, skip: Iterable[str] = (), module: str = __name__) -> type:
     """A dataclass whose fields are `target`'s keyword parameters (types and defaults), less `skip`."""
     func = target.__init__ if inspect.isclass(target) else target
     hints = typing.get_type_hints(func)
@@ -35,7 +35,7 @@ def section_of(target: Callable, name: str, skip: Iterable[str] = ()) -> type:
         if p.name not in ("self", *skip)
     ]
     cls = dataclasses.make_dataclass(name, fields)
-    cls.__module__ = __name__  # found by name, like a hand-written class of this module
+    cls.__module__ = module  # the module that binds `name`, so the class is found like a hand-written one
     return cls
 
 

@@ -20,6 +20,7 @@ from morph_lightning.modeling.llm import LLMOutput, MorphLLM
 from morph_lightning.modeling.qformer import DeconfoundedQFormer
 from morph_lightning.modeling.quantizer import MorphQuantizer
 from morph_lightning.modeling.sequence import SequenceBatch
+from morph_lightning.modeling.tokens import MorphVocab
 from morph_lightning.modeling.vision import VisionBackbone
 from morph_lightning.modeling.vqgan import VQGAN
 
@@ -75,7 +76,7 @@ class MorphModel(nn.Module):
         return self
 
     @property
-    def vocab(self):
+    def vocab(self) -> MorphVocab:
         return self.llm.vocab
 
     @property

@@ -41,6 +41,10 @@ class SequenceBatch:
     image_slot: torch.Tensor  # [B, T] image_index * num_tokens + k at morph positions, else -1
     targets: list[tuple[int, int, int]]  # (row, position of <img>, image index) of every target image
 
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()}
+        return SequenceBatch(**moved)
+
 
 def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]

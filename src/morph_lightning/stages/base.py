@@ -31,9 +31,8 @@ def load_model_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 GenerationSection = section_of(
-    generate, "GenerationSection", skip=("model", "prompts", "vision_pixels", "generator")
+    generate, "GenerationSection", skip=("model", "prompts", "vision_pixels", "generator"), module=__name__
 )
-GenerationSection.__module__ = __name__
 
 
 class MorphStage(L.LightningModule):
@@ -95,7 +94,7 @@ class MorphStage(L.LightningModule):
     def sequences(self, samples: list[Sample], enc: EncoderOutput) -> SequenceBatch:
         m = self.model
         batch = build_sequences(samples, enc.ids, m.vocab, m.llm.tokenizer, self.hparams.max_text_tokens)
-        return SequenceBatch(*(t.to(self.device) if torch.is_tensor(t) else t for t in vars(batch).values()))
+        return batch.to(self.device)
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy over the labelled positions, split into text and morph terms for logging."""
@@ -174,7 +173,12 @@ class MorphStage(L.LightningModule):
         return len(batch["vision_pixels"])
 
     def quant_terms(self, enc: EncoderOutput) -> dict[str, torch.Tensor]:
-        return {"quant": enc.quant_loss, "perplexity": enc.perplexity.detach()}
+        """The quantizer's loss and codebook health: batch perplexity and the fraction of codes used."""
+        return {
+            "quant": enc.quant_loss,
+            "perplexity": enc.perplexity.detach(),
+            "code_usage": enc.usage.detach(),
+        }
 
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
