@@ -50,8 +50,9 @@ def test_stage1_loss_trains_the_encoder(tiny_cfg):
     assert _grad_norm(stage.model.encoder.mlp) > 0
 
 
-def test_stage2_decoder_loss_reaches_lora_and_encoder_through_mhat(tiny_cfg):
-    stage = Stage2AutoEncode(model=tiny_cfg)
+@pytest.mark.parametrize("post_mllm", ["hidden", "codes"])
+def test_stage2_decoder_loss_reaches_lora_and_encoder_through_mhat(tiny_cfg, post_mllm):
+    stage = Stage2AutoEncode(model={**tiny_cfg, "post_mllm": post_mllm})
     batch = _batch(False)
     losses = stage.losses(batch)
     losses["decoder_ce"].backward()  # Eq. 6 alone
