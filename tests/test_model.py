@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from morph_lightning.data_modules.toy import ToyDataModule
@@ -71,8 +72,9 @@ class _Scripted:
         return logits
 
 
-def test_generation_pads_an_early_closed_image_with_emp(tiny_cfg, monkeypatch):
-    model = MorphModel(tiny_cfg).eval()
+@pytest.mark.parametrize("post_mllm", ["hidden", "codes"])
+def test_generation_pads_an_early_closed_image_with_emp(tiny_cfg, monkeypatch, post_mllm):
+    model = MorphModel({**tiny_cfg, "post_mllm": post_mllm}).eval()
     monkeypatch.setattr(model.llm, "head", _Scripted(model))
     seen = {}
     real_generate = model.decoder.generate
@@ -87,8 +89,10 @@ def test_generation_pads_an_early_closed_image_with_emp(tiny_cfg, monkeypatch):
     assert out.images == [[0]]
     assert out.pixels.shape == (1, 3, 16, 16)
     prefix = seen["prefix"][0]
-    assert prefix.shape == (8, model.llm.hidden_size)
-    torch.testing.assert_close(prefix[3:], model.llm.emp_embedding.expand(5, -1))
+    assert prefix.shape == (8, model.decoder.config.prefix_dim)
+    torch.testing.assert_close(prefix[3:], model.emp_vector().expand(5, -1))
+    if post_mllm == "codes":  # M̂ = the emitted ids' codebook vectors
+        torch.testing.assert_close(prefix[:3], model.encoder.quantizer.codebook[1:4])
 
 
 def test_batched_text_generation_with_images_in_prompts(tiny_cfg):
