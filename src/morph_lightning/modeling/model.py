@@ -96,9 +96,9 @@ class MorphModel(nn.Module):
     # ---- MLLM ---------------------------------------------------------------------------------
     def morph_vectors(self, batch: SequenceBatch, enc: EncoderOutput | None) -> torch.Tensor | None:
         """The codebook vector behind every morph position: the encoder's straight-through z_q."""
-        is_slot = batch.image_slot >= 0
-        if enc is None or not bool(is_slot.any()):
+        if enc is None or enc.z_q.numel() == 0:
             return None
+        is_slot = batch.image_slot >= 0
         flat = enc.z_q.reshape(-1, enc.z_q.shape[-1])
         return flat[batch.image_slot.clamp(min=0)] * is_slot.unsqueeze(-1)
 

@@ -101,16 +101,12 @@ class MorphStage(L.LightningModule):
         ce = F.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none"
         )
-        labelled = labels.flatten() != IGNORE
-        morph = self.model.vocab.is_morph(labels.flatten()) & labelled
-        text = labelled & ~morph
-        zero = ce.sum() * 0
-        out = {
-            "ce": ce[labelled].mean() if labelled.any() else zero,
-            "text_ce": ce[text].mean() if text.any() else zero,
-            "morph_ce": ce[morph].mean() if morph.any() else zero,
-        }
-        return out
+        labels = labels.flatten()
+        labelled = labels != IGNORE
+        morph = self.model.vocab.is_morph(labels) & labelled
+        masks = {"ce": labelled, "text_ce": labelled & ~morph, "morph_ce": morph}
+        # masked means without a host sync; an empty term is 0 (ce is 0 at ignored positions)
+        return {k: (ce * m).sum() / m.sum().clamp(min=1) for k, m in masks.items()}
 
     def decoder_term(self, seq: SequenceBatch, out, vqgan_pixels: torch.Tensor) -> torch.Tensor:
         """Eq. 6 over every target image of the batch: CE of the decoder on X given M̂."""
