@@ -186,3 +186,12 @@ def test_lightning1_checkpoint_with_callback_class_keys_loads(tmp_path, monkeypa
     loaded = VQGAN.from_taming_checkpoint(tmp_path / "last.ckpt", **TINY).eval()
     codes = torch.randint(0, TINY["n_embed"], (1, 64))
     assert torch.equal(loaded.decode_codes(codes), model.decode_codes(codes))
+
+
+def test_trained_vqgan_export_feeds_the_stage_configs(tmp_path):
+    """Stage 0's export is what `model.vqgan_checkpoint` reads, exactly as taming's last.ckpt."""
+    module = VQGANAutoencoder(vqgan=TINY, export_path=str(tmp_path / "vqgan.ckpt"))
+    module.export(tmp_path / "vqgan.ckpt")
+    loaded = VQGAN.from_taming_checkpoint(tmp_path / "vqgan.ckpt", **TINY).eval()
+    codes = torch.randint(0, TINY["n_embed"], (1, 64))
+    assert torch.equal(loaded.decode_codes(codes), module.vqgan.eval().decode_codes(codes))

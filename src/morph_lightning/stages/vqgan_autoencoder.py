@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,7 +21,10 @@ class VQGANAutoencoder(L.LightningModule):
         vqgan: dict[str, Any] | None = None,
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.9),
+        export_path: str | None = None,
     ) -> None:
+        """`export_path`: where to write the trained VQGAN in taming's layout when training ends, for
+        `model.vqgan_checkpoint` of the stage configs."""
         super().__init__()
         self.save_hyperparameters()
         self.vqgan = VQGAN(**(vqgan or {}))
@@ -37,3 +41,12 @@ class VQGANAutoencoder(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.vqgan.parameters(), lr=self.hparams.lr, betas=self.hparams.betas)
+
+    def export(self, path: str | Path) -> None:
+        """The weights under taming's keys (no `vqgan.` prefix), as taming's `last.ckpt` holds them."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in self.vqgan.state_dict().items()}}, path)
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_path and self.trainer.is_global_zero:
+            self.export(self.hparams.export_path)
