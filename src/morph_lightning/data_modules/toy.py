@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from morph_lightning.data_modules.transforms import collate
 from morph_lightning.modeling.sequence import ImageRef, Sample
 
 COLOURS = {
@@ -106,30 +107,6 @@ class _ToyDataset(Dataset):
             "caption": None,
             "sample": sample,
         }
-
-
-def collate(items: list[dict]) -> dict:
-    """Stack every item's images into one tensor and re-index each sample's `ImageRef`s into it."""
-    vision, vqgan, captions, samples = [], [], [], []
-    for item in items:
-        base = len(vision)
-        vision += item["vision"]
-        vqgan += item["vqgan"]
-        if item["sample"] is None:
-            captions.append(item["caption"])
-            continue
-        shift = [
-            ImageRef(p.index + base, p.target) if isinstance(p, ImageRef) else p
-            for p in item["sample"].prompt
-        ]
-        ans = [
-            ImageRef(p.index + base, p.target) if isinstance(p, ImageRef) else p
-            for p in item["sample"].answer
-        ]
-        samples.append(Sample(shift, ans))
-    batch = {"vision_pixels": torch.stack(vision), "vqgan_pixels": torch.stack(vqgan)}
-    batch["captions" if captions else "samples"] = captions or samples
-    return batch
 
 
 class ToyDataModule(L.LightningDataModule):

@@ -1,0 +1,197 @@
+"""Instruction data from jsonl files in the released code's format, one record per line:
+
+    {"input_img": ["a.jpg"], "output_img": "b.jpg" | null,
+     "input_text": "USER: <image> What will this image be like with ...: make it green. ASSISTANT:",
+     "output_text": "..." | null, ...extra keys ignored}
+
+Image paths are relative to the jsonl's folder and follow the order of the `<image>` marks. A record is
+a `Sample`: prompt = input_text cut at its `<image>` marks into text and `ImageRef(i)`, answer =
+`[output_text]` or `[ImageRef(len(input_img), target=True)]`. Malformed records fail `setup` with a
+ValueError naming file:line. A record whose image is missing or unreadable is skipped at load time
+(warning naming it, counted in `InstructionDataModule.skipped` by reason; per process, so with
+`num_workers > 0` each worker counts its own) and the next record takes its place, which keeps batch
+sizes fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from morph_lightning.data_modules.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MAX_PIXELS,
+    MIN_SIZE,
+    BadImage,
+    ImageTransforms,
+    collate,
+    load_image,
+)
+from morph_lightning.modeling.sequence import ImageRef, Piece, Sample
+
+log = logging.getLogger(__name__)
+KEYS = ("input_img", "output_img", "input_text", "output_text")
+IMAGE_MARK = "<image>"
+
+
+@dataclass
+class Record:
+    sample: Sample
+    images: list[str]  # absolute paths, indexed by the sample's ImageRefs
+    where: str  # "file:line", for messages
+
+
+def parse_record(obj: Any, folder: str, where: str) -> Record:
+    """One decoded jsonl line -> a `Record`; ValueError (naming `where`) if it is malformed."""
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"{where}: {msg}")
+
+    if not isinstance(obj, dict) or any(k not in obj for k in KEYS):
+        have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise bad(f"need the keys {list(KEYS)}, got {have}")
+    inputs, text = obj["input_img"], obj["input_text"]
+    out_img, out_text = obj["output_img"], obj["output_text"]
+    if not isinstance(inputs, list) or not all(isinstance(p, str) for p in inputs):
+        raise bad("input_img must be a list of paths")
+    if not isinstance(text, str):
+        raise bad("input_text must be a string")
+    if text.count(IMAGE_MARK) != len(inputs):
+        raise bad(f"{text.count(IMAGE_MARK)} {IMAGE_MARK} marks but {len(inputs)} input_img")
+    if (out_img is None) == (out_text is None):
+        raise bad("exactly one of output_img and output_text must be set")
+    if not isinstance(out_img if out_text is None else out_text, str):
+        raise bad("output_img / output_text must be a string")
+    if not text[-1:].isspace():  # the answer's first token must not glue onto "ASSISTANT:"
+        text += " "
+    prompt: list[Piece] = []
+    for i, piece in enumerate(text.split(IMAGE_MARK)):
+        if i:
+            prompt.append(ImageRef(i - 1))
+        if piece:
+            prompt.append(piece)
+    images = [os.path.join(folder, p) for p in inputs]
+    if out_img is None:
+        answer: list[Piece] = [out_text]
+    else:
+        answer = [ImageRef(len(images), target=True)]
+        images.append(os.path.join(folder, out_img))
+    return Record(Sample(prompt, answer), images, where)
+
+
+def read_jsonl(path: str) -> list[Record]:
+    """All records of one jsonl file; blank lines are allowed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON: {err}") from None
+            records.append(parse_record(obj, folder, f"{path}:{n}"))
+    return records
+
+
+class InstructionDataset(Dataset):
+    def __init__(
+        self,
+        records: list[Record],
+        transforms: ImageTransforms,
+        skipped: Counter[str],
+        min_size: int = MIN_SIZE,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        self.records, self.transforms, self.skipped = records, transforms, skipped
+        self.min_size, self.max_pixels = min_size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        for j in range(i, i + len(self.records)):
+            rec = self.records[j % len(self.records)]
+            try:
+                images = [load_image(p, self.min_size, self.max_pixels) for p in rec.images]
+            except BadImage as bad:
+                self.skipped[bad.reason] += 1
+                log.warning("skipping record %s: %s", rec.where, bad)
+                continue
+            pix = [self.transforms(img) for img in images]
+            return {
+                "vision": [p[0] for p in pix],
+                "vqgan": [p[1] for p in pix],
+                "caption": None,
+                "sample": rec.sample,
+            }
+        raise RuntimeError("no record has readable images")
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Instruction batches: `vision_pixels` [N, 3, S, S], `vqgan_pixels` [N, 3, R, R] (N = every image of
+    the batch's records), `samples` whose `ImageRef`s index those rows."""
+
+    def __init__(
+        self,
+        train_files: list[str] | str,
+        val_files: list[str] | str | None = None,
+        batch_size: int = 16,
+        num_workers: int = 4,
+        vision_size: int = 224,
+        vqgan_size: int = 256,
+        mean: tuple[float, float, float] = CLIP_MEAN,
+        std: tuple[float, float, float] = CLIP_STD,
+        seed: int = 0,
+        min_size: int = MIN_SIZE,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.transforms = ImageTransforms(vision_size, vqgan_size, mean, std)
+        self.skipped: Counter[str] = Counter()
+        self.train: InstructionDataset | None = None
+        self.val: InstructionDataset | None = None
+
+    def _dataset(self, files: list[str] | str) -> InstructionDataset:
+        files = [files] if isinstance(files, str) else files
+        records = [r for f in files for r in read_jsonl(f)]
+        h = self.hparams
+        return InstructionDataset(records, self.transforms, self.skipped, h.min_size, h.max_pixels)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is None and stage in (None, "fit"):
+            self.train = self._dataset(self.hparams.train_files)
+        if self.val is None and self.hparams.val_files is not None:
+            self.val = self._dataset(self.hparams.val_files)
+
+    def _loader(self, ds: InstructionDataset, train: bool) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            ds,
+            batch_size=h.batch_size,
+            shuffle=train,
+            generator=torch.Generator().manual_seed(h.seed) if train else None,
+            num_workers=h.num_workers,
+            collate_fn=collate,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val is None else self._loader(self.val, train=False)
+
+    test_dataloader = val_dataloader
+    predict_dataloader = val_dataloader

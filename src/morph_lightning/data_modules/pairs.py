@@ -1,0 +1,149 @@
+"""Image-text pairs from webdataset shards in img2dataset's layout: `{key}.jpg|png|webp`, `{key}.txt`.
+
+Bad samples never stop training: an image that is corrupt, truncated, missing, too small or too large
+is skipped, logged with its key and shard, and counted in `ImageTextPairsDataModule.skipped` (a
+`Counter` by reason); an unreadable shard (missing, not a tar, cut short) is named in a warning, counted
+under `unreadable_shard`, and the other shards go on. Counts are per process: with `num_workers > 0`
+each DataLoader worker counts its own skips in its copy of the pipeline, so the module's counter only
+sees the skips of `num_workers=0` loading; the log lines are complete either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from typing import Any
+
+import lightning as L
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from morph_lightning.data_modules.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MAX_PIXELS,
+    MIN_SIZE,
+    BadImage,
+    ImageTransforms,
+    collate,
+    load_image,
+)
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class ShardErrorHandler:
+    """A webdataset `handler`: warn naming the shard, count, and go on with the next shard."""
+
+    def __init__(self, skipped: Counter[str]) -> None:
+        self.skipped = skipped
+
+    def __call__(self, exn: Exception) -> bool:
+        # a local shard that cannot be opened names itself in `filename`; for tar and remote errors
+        # webdataset appends the shard's url to `exn.args`
+        shard = getattr(exn, "filename", None)
+        if shard is None and len(exn.args) > 1 and isinstance(exn.args[-1], str):
+            shard = exn.args[-1]
+        self.skipped["unreadable_shard"] += 1
+        warnings.warn(f"skipping unreadable shard {shard or '(unknown)'}: {exn!r}", stacklevel=2)
+        return True
+
+
+class PairDecoder:
+    """A raw webdataset sample -> a pair item, or None when the sample is skipped."""
+
+    def __init__(self, transforms: ImageTransforms, skipped: Counter[str], min_size: int, max_pixels: int):
+        self.transforms, self.skipped = transforms, skipped
+        self.min_size, self.max_pixels = min_size, max_pixels
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        key, shard = sample["__key__"], sample.get("__url__", "?")
+        try:
+            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            if data is None:
+                raise BadImage("missing", f"no {'/'.join(IMAGE_EXTS)} member")
+            if "txt" not in sample:
+                raise BadImage("no_caption")
+            img = load_image(data, self.min_size, self.max_pixels)
+        except BadImage as bad:
+            self.skipped[bad.reason] += 1
+            log.warning("skipping sample %s of shard %s: %s", key, shard, bad)
+            return None
+        vision, vqgan = self.transforms(img)
+        caption = sample["txt"].decode("utf-8", errors="replace").strip()
+        return {"vision": [vision], "vqgan": [vqgan], "caption": caption, "sample": None, "key": key}
+
+
+def _kept(item: dict[str, Any] | None) -> bool:
+    return item is not None
+
+
+class ImageTextPairsDataModule(L.LightningDataModule):
+    """Pair batches: `vision_pixels` [B, 3, S, S], `vqgan_pixels` [B, 3, R, R], `captions`, `keys`.
+
+    `train_shards` / `val_shards`: anything `webdataset.WebDataset` accepts: a brace pattern
+    (`data/{00000..00099}.tar`), a path, a list of them, or remote urls (`pipe:curl -s ...`,
+    `s3://...` through fsspec). Training shuffles shard order (seeded by `seed`) and samples within a
+    `shuffle_buffer`; validation reads in order. Shards are split across ranks and workers, so give at
+    least `world_size * num_workers` shards. The datasets are iterable without a length: set the
+    trainer's `max_steps` (and `limit_val_batches` if needed).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        vision_size: int = 224,
+        vqgan_size: int = 256,
+        mean: tuple[float, float, float] = CLIP_MEAN,
+        std: tuple[float, float, float] = CLIP_STD,
+        seed: int = 0,
+        min_size: int = MIN_SIZE,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.transforms = ImageTransforms(vision_size, vqgan_size, mean, std)
+        self.skipped: Counter[str] = Counter()
+
+    def dataset(self, shards: str | list[str], train: bool) -> wds.WebDataset:
+        h = self.hparams
+        handler = ShardErrorHandler(self.skipped)
+        ds = wds.WebDataset(
+            shards,
+            shardshuffle=100 if train else False,
+            handler=handler,
+            nodesplitter=wds.split_by_node,
+            seed=h.seed,
+            empty_check=False,  # a worker may get no shard, or only unreadable ones
+        )
+        if train:
+            ds = ds.shuffle(h.shuffle_buffer)
+        decoder = PairDecoder(self.transforms, self.skipped, h.min_size, h.max_pixels)
+        return ds.map(decoder).select(_kept)
+
+    def _loader(self, shards: str | list[str], train: bool) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            self.dataset(shards, train),
+            batch_size=h.batch_size,
+            num_workers=h.num_workers,
+            collate_fn=collate,
+            drop_last=train,  # fixed batch shapes for training; all samples for validation
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.train_shards, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # an empty list tells Lightning there is no validation
+        return [] if self.hparams.val_shards is None else self._loader(self.hparams.val_shards, train=False)
+
+    test_dataloader = val_dataloader
+    predict_dataloader = val_dataloader
