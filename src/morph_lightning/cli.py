@@ -11,8 +11,6 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from morph_lightning.stages.base import MorphStage
-
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -42,7 +40,7 @@ def main(args: list[str] | None = None) -> LightningCLI:
     else:
         args = _resolve_args(list(args))
     return LightningCLI(
-        MorphStage,
+        None,  # any LightningModule: the stages and the stage-0 towers
         None,
         subclass_mode_model=True,
         subclass_mode_data=True,
