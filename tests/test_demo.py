@@ -1,0 +1,22 @@
+"""`make demo` in miniature: the world, stage 0 and stages 1-3 through the real configs, two steps each."""
+
+import json
+from pathlib import Path
+
+from morph_lightning.demo import STEPS
+from morph_lightning.demo import main as demo
+
+
+def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    demo(["--max-steps", "2"])
+    for step in STEPS:
+        assert json.loads((step.run_dir / "DONE").read_text())["seconds"] > 0
+    for export in ("vqgan.ckpt", "vision.safetensors", "lm/config.json"):
+        assert (Path("runs/world/towers") / export).exists()
+    marker = STEPS[-1].run_dir / "DONE"
+    marker.unlink()  # as if stage 3 had been interrupted: only it runs again, from its last checkpoint
+    before = {s.name: (s.run_dir / "DONE").stat().st_mtime for s in STEPS[:-1]}
+    demo(["--max-steps", "3"])
+    assert marker.exists()
+    assert before == {s.name: (s.run_dir / "DONE").stat().st_mtime for s in STEPS[:-1]}
