@@ -1,0 +1,449 @@
+"""Scores a `MorphModel` on the embedded world's instruction split, every metric beside a trivial baseline.
+
+`evaluate_world` groups `instruct/{split}.jsonl` by task, generates a batch of answers per task and
+scores them against the scenes the writer recorded:
+
+* caption: caption_scores of the text vs the scene; baseline: another record's caption.
+* vqa / multi_image: exact match; baseline: the majority training answer of the same task.
+* t2i: scene_accuracy of the parsed image vs the intended scene; baseline: another record's target image.
+* edit / in_context / chain (each turn from the ground-truth input): pixel L1 to the target and
+  edit_scores of the parsed image; baseline: copy the input; random: another record's target image.
+* drift: chains edited turn after turn from the model's own previous output; L1 and exactness per turn;
+  baseline: copy the chain's first image every turn (an editor that does nothing).
+
+Images are compared at the VQGAN's resolution (what the model can produce). `ceiling` rows score the
+ground-truth target pushed through the same resolution, i.e. the best a perfect generator can reach
+there (the parser needs ~48 px; smaller images are upscaled with nearest but lose detail).
+
+Generation is greedy for text and images alike (`temperature=0`, `image_temperature=0`: argmax morph
+tokens and argmax VQGAN codes), so a score is a deterministic function of the weights; sampling would
+add noise that pixel metrics punish. A row that emits no image where one is expected is a miss: L1 1.0,
+every scene score 0, counted in `model/no_image_rate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from morph_lightning.data_modules.instruct import IMAGE_MARK, parse_record
+from morph_lightning.data_modules.transforms import BadImage, ImageTransforms, load_image
+from morph_lightning.data_modules.world.parser import parse, scene_accuracy
+from morph_lightning.data_modules.world.scene import BACKGROUND, Scene
+from morph_lightning.data_modules.world.writer import scene_from_json
+from morph_lightning.evaluation.world_metrics import (
+    caption_scores,
+    edit_scores,
+    majority_answer_baseline,
+    pixel_l1,
+    vqa_exact_match,
+)
+from morph_lightning.generation import generate
+from morph_lightning.modeling.model import MorphModel
+from morph_lightning.modeling.sequence import ImageRef, Piece, Sample
+
+log = logging.getLogger(__name__)
+
+TASK_ORDER = ("caption", "vqa", "multi_image", "t2i", "edit", "in_context", "chain", "drift")
+PARSE_MIN_SIZE = 48  # the parser reads renders exactly from 48 px up
+SCENE_KEYS = ("exact", "count", "position", "shape", "colour", "size")
+EDIT_KEYS = ("success", "kept", "changed")
+
+
+@dataclass
+class Example:
+    """One evaluated record for grids: uint8 HWC images (None where there is none) and texts."""
+
+    prompt: str
+    prediction_text: str
+    reference_text: str
+    input: np.ndarray | None  # the image being described or edited (the last input image)
+    prediction: np.ndarray | None
+    target: np.ndarray | None
+
+
+@dataclass
+class WorldResults:
+    # task -> "system/metric" -> value; systems: model, baseline, random (a second baseline), ceiling.
+    metrics: dict[str, dict[str, float]]
+    examples: dict[str, list[Example]] = field(default_factory=dict)  # drift: one chain's turns in order
+    counts: dict[str, int] = field(default_factory=dict)  # records scored per task (drift: chains)
+
+
+@dataclass
+class _Item:
+    meta: dict[str, Any]  # the jsonl line: task, scene_in, scene_out, output_text, chain, turn, ...
+    prompt: list[Piece]
+    inputs: list[str]  # input image paths, indexed by the prompt's ImageRefs
+    target: str | None  # output image path
+
+
+# ---------------------------------------------------------------- images
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [-1, 1] -> [H, W, 3] uint8."""
+    x = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 0).numpy()
+
+
+def parse_image(image: np.ndarray) -> Scene:
+    """Parse an image of any size, upscaling small ones with nearest so the cells keep their pixels."""
+    factor = math.ceil(PARSE_MIN_SIZE / min(image.shape[:2]))
+    if factor > 1:
+        image = image.repeat(factor, axis=0).repeat(factor, axis=1)
+    return parse(image)
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _blank(size: int) -> np.ndarray:
+    return np.full((size, size, 3), BACKGROUND, dtype=np.uint8)
+
+
+class _Images:
+    """Path -> (vision tensor, uint8 image at the VQGAN resolution), each file decoded once."""
+
+    def __init__(self, transforms: ImageTransforms) -> None:
+        self.transforms = transforms
+        self.cache: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def __call__(self, path: str) -> tuple[torch.Tensor, np.ndarray]:
+        if path not in self.cache:
+            self.cache[path] = self.encode(load_image(path))
+        return self.cache[path]
+
+    def encode(self, image: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
+        vision, vqgan = self.transforms(image)
+        return vision, to_uint8(vqgan)
+
+
+# ---------------------------------------------------------------- scoring one record
+
+
+def score_t2i(prediction: np.ndarray | None, scene_out: Scene) -> dict[str, float]:
+    """scene_accuracy of the parsed image; a missing image scores 0 everywhere."""
+    if prediction is None:
+        return dict.fromkeys(SCENE_KEYS, 0.0)
+    return scene_accuracy(parse_image(prediction), scene_out)
+
+
+def score_edit(
+    prediction: np.ndarray | None, target: np.ndarray, scene_in: Scene, scene_out: Scene
+) -> dict[str, float]:
+    """L1 to the target (at the target's resolution) and edit_scores of the parsed image; a missing
+    image is the worst case (L1 1, scores 0) so that emitting nothing never looks like keeping things."""
+    if prediction is None:
+        return {"l1": 1.0, **dict.fromkeys(EDIT_KEYS, 0.0)}
+    l1 = pixel_l1(_resize(prediction, target.shape[0]), target)
+    return {"l1": l1, **edit_scores(parse_image(prediction), scene_in, scene_out)}
+
+
+def _prefixed(system: str, scores: dict[str, float]) -> dict[str, float]:
+    return {f"{system}/{k}": v for k, v in scores.items()}
+
+
+def _mean(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    sums: dict[str, float] = defaultdict(float)
+    for row in rows:
+        for k, v in row.items():
+            sums[k] += v
+    return {k: s / len(rows) for k, s in sums.items()}
+
+
+def _other(rng: random.Random, items: list[_Item], i: int) -> int | None:
+    """A random record other than items[i], never a turn of the same chain (those share most of the
+    scene, so they would not be a random image); None when there is none."""
+
+    def group(it: _Item) -> str:
+        return it.meta.get("chain") or it.meta.get("id") or str(id(it))
+
+    others = [j for j, it in enumerate(items) if group(it) != group(items[i])]
+    return rng.choice(others) if others else None
+
+
+# ---------------------------------------------------------------- generation
+
+
+@dataclass
+class _Settings:
+    max_new_tokens: int
+    image_tokens: int
+    batch_size: int
+    image_temperature: float
+    generator: torch.Generator
+
+
+def _generate(
+    model: MorphModel, rows: list[tuple[list[Piece], list[torch.Tensor]]], image: bool, s: _Settings
+) -> list[tuple[str, np.ndarray | None]]:
+    """(prompt, its input images) per row -> (text, first generated image or None) per row."""
+    results: list[tuple[str, np.ndarray | None]] = []
+    for start in range(0, len(rows), s.batch_size):
+        prompts, vision = [], []
+        for pieces, images in rows[start : start + s.batch_size]:
+            base = len(vision)  # each row's ImageRefs index its own images; shift them into the batch
+            prompts.append(
+                Sample([ImageRef(p.index + base) if isinstance(p, ImageRef) else p for p in pieces])
+            )
+            vision += images
+        out = generate(
+            model,
+            prompts,
+            torch.stack(vision) if vision else None,
+            max_new_tokens=s.image_tokens if image else s.max_new_tokens,
+            temperature=0.0,
+            image_temperature=s.image_temperature,
+            generator=s.generator,
+        )
+        for text, idx in zip(out.texts, out.images, strict=True):
+            results.append((text, to_uint8(out.pixels[idx[0]]) if idx else None))
+    return results
+
+
+def _shift(piece: Piece, base: int) -> Piece:
+    return ImageRef(piece.index + base) if isinstance(piece, ImageRef) else piece
+
+
+def _prompt_text(pieces: list[Piece]) -> str:
+    return "".join(IMAGE_MARK if isinstance(p, ImageRef) else p for p in pieces)
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def _read(path: Path) -> list[_Item]:
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                meta = json.loads(line)
+                rec = parse_record(meta, str(path.parent), f"{path}:{n}")
+                has_target = meta["output_img"] is not None
+                inputs = rec.images[:-1] if has_target else rec.images
+                items.append(_Item(meta, rec.sample.prompt, inputs, rec.images[-1] if has_target else None))
+    return items
+
+
+def _readable(item: _Item, images: _Images) -> bool:
+    """Whether every image of `item` decodes; a bad one is skipped with a warning, as in training."""
+    try:
+        for path in item.inputs + ([item.target] if item.target else []):
+            images(path)
+    except BadImage as bad:
+        log.warning("skipping %s (%s): %s", item.meta.get("id"), item.meta["task"], bad)
+        return False
+    return True
+
+
+def _text_task(
+    task: str,
+    items: list[_Item],
+    captions: list[str],
+    train_answers: list[str],
+    model: MorphModel,
+    images: _Images,
+    s: _Settings,
+    rng: random.Random,
+) -> tuple[dict[str, float], list[Example]]:
+    outputs = _generate(model, [(it.prompt, [images(p)[0] for p in it.inputs]) for it in items], False, s)
+    texts = [t for t, _ in outputs]
+    answers = [it.meta["output_text"] for it in items]
+    if task == "caption":  # scored by what it says about the scene; other text tasks by exact match
+        rows = []
+        for text, answer, it in zip(texts, answers, items, strict=True):
+            scene = scene_from_json(it.meta["scene_in"])
+            # Another record's caption: fluent, in the world's words, but about a different image.
+            others = [c for c in captions if c != answer]
+            other = rng.choice(others) if others else ""
+            rows.append(
+                _prefixed("model", caption_scores(text, scene))
+                | _prefixed("baseline", caption_scores(other, scene))
+            )
+        metrics = _mean(rows)
+    else:
+        if not train_answers:
+            log.warning("no training answers for %s: the majority baseline uses the evaluated ones", task)
+        metrics = {
+            "model/exact_match": vqa_exact_match(texts, answers),
+            "baseline/exact_match": majority_answer_baseline(train_answers or answers, answers),
+        }
+    examples = [
+        Example(_prompt_text(it.prompt), t, a, images(it.inputs[-1])[1] if it.inputs else None, None, None)
+        for it, t, a in zip(items, texts, answers, strict=True)
+    ]
+    return metrics, examples
+
+
+def _image_task(
+    task: str, items: list[_Item], model: MorphModel, images: _Images, s: _Settings, rng: random.Random
+) -> tuple[dict[str, float], list[Example]]:
+    outputs = _generate(model, [(it.prompt, [images(p)[0] for p in it.inputs]) for it in items], True, s)
+    rows, examples = [], []
+    for i, (it, (text, pred)) in enumerate(zip(items, outputs, strict=True)):
+        target = images(it.target)[1]
+        scene_out = scene_from_json(it.meta["scene_out"])
+        j = _other(rng, items, i)  # with no other record, an empty canvas stands in for a random image
+        other = images(items[j].target)[1] if j is not None else _blank(target.shape[0])
+        row = {"model/no_image_rate": float(pred is None)}
+        if not it.inputs:  # text to image: only the scene can be checked, there is no source
+            row |= _prefixed("model", score_t2i(pred, scene_out))
+            row |= _prefixed("baseline", score_t2i(other, scene_out))
+            row |= _prefixed("ceiling", score_t2i(target, scene_out))
+        else:
+            scene_in = scene_from_json(it.meta["scene_in"])
+            source = images(it.inputs[-1])[1]
+            copy = {"l1": pixel_l1(source, target), **edit_scores(scene_in, scene_in, scene_out)}
+            row |= _prefixed("model", score_edit(pred, target, scene_in, scene_out))
+            row |= _prefixed("baseline", copy)
+            row |= _prefixed("random", score_edit(other, target, scene_in, scene_out))
+            row |= _prefixed("ceiling", edit_scores(parse_image(target), scene_in, scene_out))
+        rows.append(row)
+        source_img = images(it.inputs[-1])[1] if it.inputs else None
+        examples.append(Example(_prompt_text(it.prompt), text, "", source_img, pred, target))
+    return _mean(rows), examples
+
+
+def _drift(
+    chains: list[list[_Item]], model: MorphModel, images: _Images, s: _Settings
+) -> tuple[dict[str, float], list[Example]]:
+    """Edit each chain turn after turn, feeding the model its own previous output (a miss carries the
+    image in hand forward), and score every turn against the ground truth."""
+    current = [images(chain[0].inputs[0]) for chain in chains]  # (vision tensor, uint8) fed next
+    first = [img for _, img in current]
+    first_scene = [scene_from_json(chain[0].meta["scene_in"]) for chain in chains]
+    metrics: dict[str, float] = {}
+    misses: list[float] = []
+    examples: list[Example] = []
+    for turn in range(max(len(c) for c in chains)):
+        active = [c for c, chain in enumerate(chains) if len(chain) > turn]
+        outputs = _generate(model, [(chains[c][turn].prompt, [current[c][0]]) for c in active], True, s)
+        rows = []
+        for c, (text, pred) in zip(active, outputs, strict=True):
+            it = chains[c][turn]
+            target, scene_out = images(it.target)[1], scene_from_json(it.meta["scene_out"])
+            rows.append(
+                {
+                    f"model/l1_turn{turn}": score_edit(pred, target, first_scene[c], scene_out)["l1"],
+                    f"model/exact_turn{turn}": float(pred is not None and parse_image(pred) == scene_out),
+                    f"baseline/l1_turn{turn}": pixel_l1(first[c], target),
+                    f"baseline/exact_turn{turn}": float(first_scene[c] == scene_out),
+                }
+            )
+            misses.append(float(pred is None))
+            if c == 0:
+                examples.append(Example(_prompt_text(it.prompt), text, "", current[c][1], pred, target))
+            if pred is not None:
+                current[c] = images.encode(Image.fromarray(pred))
+        metrics |= _mean(rows)
+    return {"model/no_image_rate": float(np.mean(misses)), **metrics}, examples
+
+
+def _chains(items: list[_Item], images: _Images, limit: int) -> list[list[_Item]]:
+    """Up to `limit` readable chains, each its turns 0, 1, ... in order (a gap ends the chain)."""
+    by_chain: dict[str, list[_Item]] = defaultdict(list)
+    for it in items:
+        by_chain[it.meta["chain"]].append(it)
+    chains = []
+    for turns in by_chain.values():
+        turns.sort(key=lambda it: it.meta["turn"])
+        run = [it for k, it in enumerate(turns) if it.meta["turn"] == k]
+        run = run[: next((k for k, it in enumerate(run) if not _readable(it, images)), len(run))]
+        if run:
+            chains.append(run)
+        if len(chains) == limit:
+            break
+    return chains
+
+
+def _train_answers(path: Path) -> dict[str, list[str]]:
+    answers: dict[str, list[str]] = defaultdict(list)
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip() and (meta := json.loads(line)).get("output_text") is not None:
+                    answers[meta["task"]].append(meta["output_text"])
+    return answers
+
+
+def evaluate_world(
+    model: MorphModel,
+    world_dir: str | Path,
+    split: str = "val",
+    max_per_task: int = 32,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+    image_temperature: float = 0.0,
+    image_slack: int = 4,
+    num_examples: int = 4,
+) -> WorldResults:
+    """Score `model` on `world_dir/instruct/{split}.jsonl`, the first `max_per_task` readable records of
+    each task (and as many chains for drift). Text answers get `max_new_tokens`; image answers get room
+    for <img>, the morph tokens, </img> and `image_slack` stray tokens before <img>. `seed` draws the
+    random baselines (and samples, should `image_temperature` be > 0)."""
+    root = Path(world_dir) / "instruct"
+    by_task: dict[str, list[_Item]] = defaultdict(list)
+    for item in _read(root / f"{split}.jsonl"):
+        by_task[item.meta["task"]].append(item)
+    train_answers = _train_answers(root / "train.jsonl")
+    vision = model.vision
+    images = _Images(
+        ImageTransforms(vision.image_size, model.config.vqgan.resolution, vision.mean, vision.std)
+    )
+    settings = _Settings(
+        max_new_tokens=max_new_tokens,
+        image_tokens=model.num_tokens + 2 + image_slack,
+        batch_size=batch_size,
+        image_temperature=image_temperature,
+        generator=torch.Generator(device=next(model.parameters()).device).manual_seed(seed),
+    )
+    rng = random.Random(seed)
+    results = WorldResults(metrics={})
+    was_training = model.training
+    model.eval()
+    try:
+        for task in sorted(
+            by_task, key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER)
+        ):
+            records, items = by_task[task], []
+            for it in records:  # decode only as many records as are scored
+                if len(items) == max_per_task:
+                    break
+                if _readable(it, images):
+                    items.append(it)
+            if not items:
+                continue
+            if items[0].target is None:
+                captions = [it.meta["output_text"] for it in records]
+                metrics, examples = _text_task(
+                    task, items, captions, train_answers[task], model, images, settings, rng
+                )
+            else:
+                metrics, examples = _image_task(task, items, model, images, settings, rng)
+            results.metrics[task] = metrics
+            results.examples[task] = examples[:num_examples]
+            results.counts[task] = len(items)
+        chains = _chains(by_task.get("chain", []), images, max_per_task)
+        if chains:
+            metrics, examples = _drift(chains, model, images, settings)
+            results.metrics["drift"], results.examples["drift"] = metrics, examples
+            results.counts["drift"] = len(chains)
+    finally:
+        model.train(was_training)
+    return results

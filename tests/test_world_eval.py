@@ -1,0 +1,149 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from morph_lightning.data_modules.world.edits import sample_edit
+from morph_lightning.data_modules.world.language import caption
+from morph_lightning.data_modules.world.render import render
+from morph_lightning.data_modules.world.scene import sample_scene
+from morph_lightning.data_modules.world.writer import write_world
+from morph_lightning.evaluation import world_eval
+from morph_lightning.evaluation.report import image_grid, write_report
+from morph_lightning.evaluation.world_eval import (
+    evaluate_world,
+    parse_image,
+    score_edit,
+    score_t2i,
+    to_uint8,
+)
+from morph_lightning.evaluation.world_metrics import caption_scores
+from morph_lightning.modeling.model import MorphModel
+
+TASKS = {"caption", "vqa", "multi_image", "t2i", "edit", "in_context", "chain", "drift"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    write_world(
+        root, num_pairs=8, num_val_pairs=4, num_instruct=40, num_val_instruct=24, image_size=64, shard_size=8
+    )
+    return root
+
+
+def _favour(model: MorphModel, token: int) -> None:
+    """Make the LLM emit `token` wherever it is allowed (<img> is masked inside images, </s> too)."""
+    real = model.llm.head
+
+    def head(hidden):
+        logits = real(hidden).clone()
+        logits[..., token] += 1e4
+        return logits
+
+    model.llm.head = head
+
+
+def _check_ranges(results) -> None:
+    assert set(results.metrics) == TASKS
+    for task, metrics in results.metrics.items():
+        systems = {k.split("/")[0] for k in metrics}
+        assert {"model", "baseline"} <= systems, task
+        assert all(0.0 <= v <= 1.0 for v in metrics.values()), (task, metrics)
+        assert results.counts[task] >= 1
+
+
+def test_random_model_never_crashes_and_baselines_behave(world, tiny_cfg):
+    model = MorphModel(tiny_cfg).eval()
+    results = evaluate_world(model, world, max_per_task=3, batch_size=4, max_new_tokens=6)
+    _check_ranges(results)
+    assert results.counts["vqa"] == 3 and results.counts["drift"] == 1
+    for task in ("edit", "chain"):  # copying the input keeps everything and achieves no edit
+        assert results.metrics[task]["baseline/kept"] == 1.0
+        assert results.metrics[task]["baseline/success"] == 0.0
+    drift = results.metrics["drift"]
+    assert {f"model/l1_turn{k}" for k in range(3)} <= set(drift)
+
+
+def test_a_model_that_never_draws_scores_misses(world, tiny_cfg):
+    model = MorphModel(tiny_cfg).eval()
+    _favour(model, model.llm.tokenizer.eos_token_id)
+    results = evaluate_world(model, world, max_per_task=3, batch_size=4, max_new_tokens=6)
+    _check_ranges(results)
+    for task in ("t2i", "edit", "in_context", "chain", "drift"):
+        assert results.metrics[task]["model/no_image_rate"] == 1.0
+        assert all(ex.prediction is None for ex in results.examples[task])
+    assert results.metrics["t2i"]["model/position"] == 0.0
+    assert results.metrics["edit"]["model/l1"] == results.metrics["drift"]["model/l1_turn2"] == 1.0
+    assert results.metrics["edit"]["model/changed"] == 0.0  # no credit for "removing" by drawing nothing
+
+
+def test_image_paths_and_drift_feed_the_models_own_output(world, tiny_cfg, monkeypatch):
+    model = MorphModel(tiny_cfg).eval()
+    _favour(model, model.vocab.img_start)
+    fed = []
+    real_generate = world_eval.generate
+
+    def spy(model, prompts, vision_pixels=None, **kw):
+        out = real_generate(model, prompts, vision_pixels, **kw)
+        fed.append((vision_pixels, out))
+        return out
+
+    monkeypatch.setattr(world_eval, "generate", spy)
+    results = evaluate_world(model, world, max_per_task=2, batch_size=4, max_new_tokens=4)
+    _check_ranges(results)
+    for task in ("t2i", "edit", "in_context", "chain", "drift"):
+        assert results.metrics[task]["model/no_image_rate"] == 0.0
+        assert all(ex.prediction is not None for ex in results.examples[task])
+    assert results.metrics["edit"]["model/l1"] < 1.0
+    # The last three calls are the drift turns: turn k+1 reads turn k's prediction.
+    (_, out0), (pix1, _) = fed[-3], fed[-2]
+    vision, resolution = model.vision, model.config.vqgan.resolution
+    transforms = world_eval.ImageTransforms(vision.image_size, resolution, vision.mean, vision.std)
+    expected = transforms(Image.fromarray(to_uint8(out0.pixels[out0.images[0][0]])))[0]
+    torch.testing.assert_close(pix1[0], expected)
+
+
+def test_scoring_helpers_give_ground_truth_full_marks():
+    rng = random.Random(0)
+    for _ in range(20):
+        scene = sample_scene(rng)
+        assert score_t2i(render(scene, 64), scene) == dict.fromkeys(score_t2i(None, scene), 1.0)
+        assert caption_scores(caption(scene, rng), scene)["attribute_f1"] == 1.0
+        edit = sample_edit(scene, rng)
+        target = render(edit.target, 64)
+        perfect = score_edit(target, target, edit.source, edit.target)
+        assert perfect == {"l1": 0.0, "success": 1.0, "kept": 1.0, "changed": 1.0}
+        miss = score_edit(None, target, edit.source, edit.target)
+        assert miss == {"l1": 1.0, "success": 0.0, "kept": 0.0, "changed": 0.0}
+    small = render(scene, 24)  # below the parser's 48 px: upscaled, not refused
+    assert parse_image(small).objects and min(small.shape[:2]) < 48
+
+
+def test_image_grid_layout():
+    a, b = np.zeros((8, 8, 3), np.uint8), np.full((16, 16, 3), 200, np.uint8)
+    grid = image_grid([[a, b], [b]], scale=2)
+    assert grid.dtype == np.uint8 and grid.shape == (2 * 32 + 3 * 4, 2 * 32 + 3 * 4, 3)
+
+
+def test_write_report(world, tiny_cfg, tmp_path):
+    model = MorphModel(tiny_cfg).eval()
+    _favour(model, model.vocab.img_start)
+    results = evaluate_world(model, world, max_per_task=2, batch_size=4, max_new_tokens=4)
+    path = write_report(results, tmp_path / "report", extra={"seconds": 1.5, "loss": np.float32(0.25)})
+    out = path.parent
+    body = json.loads((out / "report.json").read_text())
+    assert body["metrics"] == results.metrics and body["extra"]["loss"] == 0.25
+    md = path.read_text()
+    for task, metrics in results.metrics.items():
+        assert f"## {task}" in md
+        for name in {k.split("/", 1)[1] for k in metrics}:
+            assert f"| {name} |" in md
+    for task in ("t2i", "edit", "in_context", "chain", "drift"):
+        assert f"(grid_{task}.png)" in md
+        with Image.open(out / f"grid_{task}.png") as img:
+            assert img.size[0] > 3 * 48
+    assert not list(out.glob(".*.tmp*"))
