@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install -c constraints.txt
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test lint fit-tiny clean
+.PHONY: install test lint demo fit-tiny clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+
+# The whole method on the embedded world: world, stage 0, stages 1-3, evaluation, demo_out/report.md.
+# Running it again resumes where it stopped.
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning demo
 
 # The three stages on the CPU at toy size, each starting from the previous one's checkpoint.
 fit-tiny: install

@@ -9,7 +9,7 @@ from morph_lightning.demo import main as demo
 
 def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    demo(["--max-steps", "2"])
+    demo(["--max-steps", "2", "--eval-per-task", "2"])
     for step in STEPS:
         assert json.loads((step.run_dir / "DONE").read_text())["seconds"] > 0
     for export in ("vqgan.ckpt", "vision.safetensors", "lm/config.json"):
@@ -17,6 +17,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     marker = STEPS[-1].run_dir / "DONE"
     marker.unlink()  # as if stage 3 had been interrupted: only it runs again, from its last checkpoint
     before = {s.name: (s.run_dir / "DONE").stat().st_mtime for s in STEPS[:-1]}
-    demo(["--max-steps", "3"])
+    demo(["--max-steps", "3", "--eval-per-task", "2"])
     assert marker.exists()
     assert before == {s.name: (s.run_dir / "DONE").stat().st_mtime for s in STEPS[:-1]}
+    report = json.loads(Path("demo_out/report.json").read_text())
+    assert {"caption", "vqa", "t2i", "edit", "drift"} <= set(report["metrics"])
+    assert "model/l1" in report["metrics"]["edit"] and "baseline/l1" in report["metrics"]["edit"]
+    assert Path("demo_out/report.md").read_text().count("|") > 20

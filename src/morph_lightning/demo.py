@@ -10,6 +10,7 @@ where it stopped.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from pathlib import Path
 
 from morph_lightning.cli import main as cli_main
 from morph_lightning.data_modules.world.writer import write_world
+from morph_lightning.evaluation.report import write_report
+from morph_lightning.evaluation.world_eval import evaluate_world
+from morph_lightning.stages import Stage3Instruct
 
 WORLD_DIR = Path("data/world")
 RUNS = Path("runs/world")
@@ -64,11 +68,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="demo_out", help="where the report goes")
     parser.add_argument("--max-steps", type=int, default=None, help="cap every stage (a quick look)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-per-task", type=int, default=32, help="validation records scored per task")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     counts = write_world(WORLD_DIR, seed=args.seed)
     print(f"[demo] world: {counts['pairs']} pairs, {counts['images']} images in {WORLD_DIR}")
     timings = {step.name: run_step(step, args.max_steps) for step in STEPS}
+    timings["training"] = time.perf_counter() - start
+
+    model = Stage3Instruct.load_from_checkpoint(STEPS[-1].run_dir / "last.ckpt", weights_only=True).model
+    results = evaluate_world(model, WORLD_DIR, max_per_task=args.eval_per_task)
     timings["total"] = time.perf_counter() - start
-    print(f"[demo] trained in {timings['total']:.0f} s: {timings}")
+    extra = {"seconds": {k: round(v, 1) for k, v in timings.items()}, "final_train_losses": final_losses()}
+    report = write_report(results, args.out, extra=extra)
+    print(f"[demo] {timings['total']:.0f} s in all; report: {report}")
+
+
+def final_losses() -> dict[str, float]:
+    """The last logged training loss of every step (from its CSV log)."""
+    losses = {}
+    for step in STEPS:
+        log = step.run_dir / "logs" / "metrics.csv"
+        if log.exists():
+            rows = [r for r in csv.DictReader(log.open()) if r.get("train/loss")]
+            if rows:
+                losses[step.name] = round(float(rows[-1]["train/loss"]), 4)
+    return losses
