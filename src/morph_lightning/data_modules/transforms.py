@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from morph_lightning.modeling.sequence import ImageRef, Piece, Sample
+from morph_lightning.modeling.sequence import Sample, shift_refs
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -108,10 +108,6 @@ class ImageTransforms:
         return self.vision(img), self.vqgan(img)
 
 
-def _shift(pieces: list[Piece], base: int) -> list[Piece]:
-    return [ImageRef(p.index + base, p.target) if isinstance(p, ImageRef) else p for p in pieces]
-
-
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack every item's images into one tensor and re-index each sample's `ImageRef`s into it.
 
@@ -127,7 +123,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         if item["sample"] is None:
             captions.append(item["caption"])
         else:
-            samples.append(Sample(_shift(item["sample"].prompt, base), _shift(item["sample"].answer, base)))
+            sample = item["sample"]
+            samples.append(Sample(shift_refs(sample.prompt, base), shift_refs(sample.answer, base)))
     if captions and samples:
         raise ValueError("a batch mixes image-text pairs and instruction samples")
     batch = {"vision_pixels": torch.stack(vision), "vqgan_pixels": torch.stack(vqgan)}

@@ -51,7 +51,7 @@ from morph_lightning.evaluation.world_metrics import (
 )
 from morph_lightning.generation import generate
 from morph_lightning.modeling.model import MorphModel
-from morph_lightning.modeling.sequence import ImageRef, Piece, Sample
+from morph_lightning.modeling.sequence import ImageRef, Piece, Sample, shift_refs
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +198,7 @@ def _generate(
         prompts, vision = [], []
         for pieces, images in rows[start : start + s.batch_size]:
             base = len(vision)  # each row's ImageRefs index its own images; shift them into the batch
-            prompts.append(
-                Sample([ImageRef(p.index + base) if isinstance(p, ImageRef) else p for p in pieces])
-            )
+            prompts.append(Sample(shift_refs(pieces, base)))
             vision += images
         out = generate(
             model,
@@ -214,10 +212,6 @@ def _generate(
         for text, idx in zip(out.texts, out.images, strict=True):
             results.append((text, to_uint8(out.pixels[idx[0]]) if idx else None))
     return results
-
-
-def _shift(piece: Piece, base: int) -> Piece:
-    return ImageRef(piece.index + base) if isinstance(piece, ImageRef) else piece
 
 
 def _prompt_text(pieces: list[Piece]) -> str:

@@ -100,26 +100,21 @@ class MorphQuantizer(nn.Module):
         self.usage_ema.mul_(self.usage_decay).add_(counts / counts.sum(), alpha=1.0 - self.usage_decay)
 
     @torch.no_grad()
-    def reinit_dead_codes(self, z_flat: Tensor) -> int:
+    def reinit_dead_codes(self, z_flat: Tensor) -> Tensor:
         """Replace codes whose EMA share is below threshold with random rows of z_flat [M, dim].
 
-        Rows are drawn with torch's RNG (without replacement when there are enough), and the revived codes
-        restart at the uniform share so they get a grace period. Returns how many codes were replaced.
+        Sync-free, since it runs every training step: a candidate row is drawn (with torch's RNG) for
+        every code and kept only where the code is dead, so the step never waits to learn how many
+        died. Revived codes restart at the uniform share, a grace period. Returns how many (a tensor).
         """
         dead = self.usage_ema * self.codebook_size < self.dead_code_threshold
-        n = int(dead.sum())
-        if n == 0:
-            return 0
-        m = z_flat.size(0)
-        if m >= n:
-            idx = torch.randperm(m, device=z_flat.device)[:n]
-        else:
-            idx = torch.randint(m, (n,), device=z_flat.device)
+        idx = torch.randint(z_flat.size(0), (self.codebook_size,), device=z_flat.device)
         new = z_flat[idx].to(self.embedding.weight.dtype)
         if _distributed():
             dist.broadcast(new, src=0)  # parameters must stay identical across ranks
-        self.embedding.weight[dead] = new
-        self.usage_ema[dead] = 1.0 / self.codebook_size
+        self.embedding.weight.copy_(torch.where(dead.unsqueeze(1), new, self.embedding.weight))
+        self.usage_ema.masked_fill_(dead, 1.0 / self.codebook_size)
+        n = dead.sum()
         self.num_reinitialized += n
         return n
 

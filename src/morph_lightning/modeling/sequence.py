@@ -32,6 +32,12 @@ class Sample:
     answer: list[Piece] = field(default_factory=list)
 
 
+def shift_refs(pieces: list[Piece], base: int) -> list[Piece]:
+    """The same pieces with every `ImageRef` moved by `base`: where a sample's own images start once
+    several samples' images are stacked into one batch tensor."""
+    return [ImageRef(p.index + base, p.target) if isinstance(p, ImageRef) else p for p in pieces]
+
+
 @dataclass
 class SequenceBatch:
     input_ids: torch.Tensor  # [B, T]
