@@ -71,10 +71,10 @@ def test_usage_ema_only_in_training() -> None:
     q = make_quantizer()
     z = q.codebook.detach()[:1].expand(1, 4, D)
     q.eval()(z)
-    torch.testing.assert_close(q.usage_ema, torch.full((K,), 1 / K))
+    torch.testing.assert_close(q.code_usage.usage_ema, torch.full((K,), 1 / K))
     q.train()(z)
-    assert q.usage_ema[0] > 1 / K > q.usage_ema[1]
-    stats = q.usage_stats()
+    assert q.code_usage.usage_ema[0] > 1 / K > q.code_usage.usage_ema[1]
+    stats = q.code_usage.stats()
     assert set(stats) >= {"perplexity", "usage"} and stats["perplexity"] < K
 
 
@@ -88,7 +88,7 @@ def test_dead_codes_reinitialised() -> None:
     for _ in range(6):
         q(data.unsqueeze(0))
     # 0.5**k * 1 < 0.1 after 4 steps: every code but 0 and 1 has collapsed and been revived
-    assert q.num_reinitialized.item() >= K - 2
+    assert q.code_usage.num_reinitialized.item() >= K - 2
     changed = (q.embedding.weight.detach() != before).any(dim=-1)
     assert changed[2:].all()
     # revived codes are encoder outputs from the batch
@@ -100,17 +100,18 @@ def test_reinit_is_deterministic_and_counts() -> None:
     for _ in range(2):
         q = make_quantizer(dead_code_threshold=0.5)
         with torch.no_grad():
-            q.usage_ema[:5] = 0.0
+            q.code_usage.usage_ema[:5] = 0.0
         torch.manual_seed(3)
-        n = q.reinit_dead_codes(torch.randn(40, D))
-        assert n == 5 and q.num_reinitialized.item() == 5
-        assert torch.allclose(q.usage_ema, torch.full((K,), 1 / K))
+        n = q.code_usage.revive(q.embedding.weight, torch.randn(40, D))
+        assert n == 5 and q.code_usage.num_reinitialized.item() == 5
+        assert torch.allclose(q.code_usage.usage_ema, torch.full((K,), 1 / K))
         results.append(q.embedding.weight.detach().clone())
     torch.testing.assert_close(results[0], results[1])
-    assert make_quantizer().reinit_dead_codes(torch.randn(4, D)) == 0
+    fresh = make_quantizer()
+    assert fresh.code_usage.revive(fresh.embedding.weight, torch.randn(4, D)) == 0
 
 
 def test_usage_stats_uniform_ema() -> None:
-    stats = make_quantizer().usage_stats()
+    stats = make_quantizer().code_usage.stats()
     assert stats["perplexity"] == pytest.approx(K) and stats["usage"] == 1.0
     assert math.isfinite(stats["perplexity"])

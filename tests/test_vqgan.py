@@ -55,7 +55,7 @@ def test_shapes(model: VQGAN) -> None:
     assert torch.equal(fwd_codes, codes)
     # decode_codes is the decoder half of forward.
     torch.testing.assert_close(model.decode_codes(codes), recon)
-    assert set(model.reconstruction_loss(x)) == {"rec", "codebook", "loss"}
+    assert set(model.reconstruction_loss(x)) == {"rec", "l2", "codebook", "loss"}
 
 
 def test_straight_through_reaches_encoder(model: VQGAN) -> None:

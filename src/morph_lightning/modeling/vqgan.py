@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .code_usage import CodeUsage
+
 log = logging.getLogger(__name__)
 
 
@@ -261,13 +263,14 @@ class VQGAN(nn.Module):
     def codebook(self) -> Tensor:
         return self.quantize.embedding.weight
 
-    def _latents(self, images: Tensor) -> Tensor:
+    def latents(self, images: Tensor) -> Tensor:
+        """[B, 3, R, R] images in [-1, 1] -> [B, embed_dim, h, w] latents before quantisation."""
         return self.quant_conv(self.encoder(images))
 
     @torch.no_grad()
     def encode_to_codes(self, images: Tensor) -> Tensor:
         """[B, 3, R, R] images in [-1, 1] -> [B, h*w] long codes, row-major (no grad: codes are discrete)."""
-        return self.quantize.codes(self._latents(images))
+        return self.quantize.codes(self.latents(images))
 
     def decode_codes(self, codes: Tensor) -> Tensor:
         """[B, h*w] codes -> [B, 3, R, R] images (not clamped)."""
@@ -276,13 +279,24 @@ class VQGAN(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (reconstruction, codebook loss, codes [B, h*w])."""
-        z_q, codebook_loss, codes = self.quantize(self._latents(images))
+        z_q, codebook_loss, codes = self.quantize(self.latents(images))
         return self.decoder(self.post_quant_conv(z_q)), codebook_loss, codes
 
-    def reconstruction_loss(self, images: Tensor) -> dict[str, Tensor]:
-        recon, codebook_loss, _ = self(images)
-        rec = (recon - images).abs().mean()
-        return {"rec": rec, "codebook": codebook_loss, "loss": rec + codebook_loss}
+    def reconstruction_loss(
+        self, images: Tensor, code_usage: CodeUsage | None = None, l2_weight: float = 0.0
+    ) -> dict[str, Tensor]:
+        """L1 reconstruction (+ `l2_weight` * MSE) + codebook loss. In training, `code_usage` (kept outside
+        so the state dict stays taming's) counts the codes picked and revives dead ones from this batch."""
+        z = self.latents(images)
+        track = code_usage is not None and self.training
+        if track:
+            code_usage.revive(self.codebook, z.detach().permute(0, 2, 3, 1).flatten(0, 2))
+        z_q, codebook_loss, codes = self.quantize(z)
+        if track:
+            code_usage.update(codes)
+        error = self.decoder(self.post_quant_conv(z_q)) - images
+        rec, l2 = error.abs().mean(), error.square().mean()
+        return {"rec": rec, "l2": l2, "codebook": codebook_loss, "loss": rec + l2_weight * l2 + codebook_loss}
 
     @classmethod
     def from_taming_checkpoint(cls, path: str | Path, **arch_kwargs) -> VQGAN:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import lightning as L
@@ -15,6 +14,7 @@ from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_s
 from morph_lightning.modeling.encoder import EncoderOutput
 from morph_lightning.modeling.model import GenerationOutput, MorphModel
 from morph_lightning.modeling.sequence import IGNORE, ImageRef, Sample, SequenceBatch, build_sequences
+from morph_lightning.stages.schedule import warmup_cosine
 
 
 def load_model_weights(path: str) -> dict[str, torch.Tensor]:
@@ -185,14 +185,4 @@ class MorphStage(L.LightningModule):
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(h.warmup_steps, total)
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to min_lr_ratio
-            if step < warmup:
-                return (step + 1) / warmup
-            t = (step - warmup) / max(1, total - warmup)
-            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_cosine(opt, self.trainer, h.warmup_steps, h.min_lr_ratio)
