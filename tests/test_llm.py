@@ -1,7 +1,8 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from morph_lightning.modeling.llm import MorphLLM, byte_level_tokenizer
+from morph_lightning.modeling.llm import MorphLLM
+from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer
 
 TINY = dict(
     vocab_size=259,

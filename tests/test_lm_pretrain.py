@@ -1,6 +1,9 @@
+import pytest
 import torch
 
+from morph_lightning.data_modules.text import TextDataModule
 from morph_lightning.modeling.llm import MorphLLM
+from morph_lightning.modeling.text_tokenizer import train_bpe_tokenizer
 from morph_lightning.stages.lm_pretrain import CausalLMPretrain
 
 CONFIG = dict(
@@ -35,3 +38,24 @@ def test_pretraining_loss_falls_and_the_export_loads_as_the_mllm_base(tmp_path):
         ours = llm(llm.embed(ids)).logits[..., : llm.vocab.text_size]
         ref = stage.lm.eval()(ids).logits
     torch.testing.assert_close(ours, ref)
+
+
+def test_a_trained_tokenizer_sets_the_vocabulary_and_text_comes_from_the_corpus(tmp_path):
+    train_bpe_tokenizer(TEXTS * 10, vocab_size=300).save_pretrained(tmp_path / "tok")
+    config = {k: v for k, v in CONFIG.items() if k != "vocab_size"}
+    stage = CausalLMPretrain(config=config, tokenizer=str(tmp_path / "tok"))
+    assert stage.lm.config.vocab_size == len(stage.tokenizer) == 300
+
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n\n")
+    data = TextDataModule(train_files=str(corpus), val_files=[str(corpus)], batch_size=2)
+    data.setup("fit")
+    batches = list(data.train_dataloader())
+    assert len(batches) == 1 and len(batches[0]["texts"]) == 2  # blank line skipped, last partial dropped
+    assert [t for b in data.val_dataloader() for t in b["texts"]] == TEXTS
+    assert float(stage.loss(batches[0]["texts"])) > 0
+
+    with pytest.raises(KeyError, match="captions"):
+        CausalLMPretrain(config=CONFIG, text_key="captions").texts(batches[0])
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        TextDataModule(train_files=str(tmp_path / "missing.txt")).setup("fit")

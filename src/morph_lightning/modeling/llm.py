@@ -11,26 +11,16 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
+from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer
 from morph_lightning.modeling.tokens import MorphVocab, extend_tokenizer
-
-
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """A real byte-level tokenizer built in code (256 bytes + <s> </s> <pad>) for tiny random LLMs."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 @dataclass

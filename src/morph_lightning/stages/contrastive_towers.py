@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from morph_lightning.modeling.llm import byte_level_tokenizer
+from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer
 from morph_lightning.modeling.vision import VisionBackbone
+from morph_lightning.stages.schedule import warmup_cosine
 
 
 class CaptionEncoder(nn.Module):
@@ -56,6 +57,8 @@ class ContrastiveTowers(L.LightningModule):
         text_heads: int = 4,
         max_text_len: int = 96,
         lr: float = 1e-3,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 1.0,
         weight_decay: float = 0.05,
         export_path: str | None = None,
     ) -> None:
@@ -95,10 +98,10 @@ class ContrastiveTowers(L.LightningModule):
         losses = self.losses(batch)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["captions"]))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        return warmup_cosine(opt, self.trainer, h.warmup_steps, h.min_lr_ratio)
 
     def export_image_tower(self, path: str | Path) -> None:
         """The image tower's timm state dict as safetensors: `VisionBackbone(checkpoint_path=path)`."""

@@ -6,7 +6,10 @@ Two datasets, both deterministic given a seed:
   with ``{key}.jpg``, ``{key}.txt`` and ``{key}.json`` per sample (9-digit keys);
 * instruction data as jsonl in the released code's format, ``OUT/instruct/{train,val}.jsonl``, images in
   ``OUT/instruct/images/`` and referenced relative to the jsonl's folder, with the paper's Appendix C.1
-  templates (one literal ``<image>`` mark per input image).
+  templates (one literal ``<image>`` mark per input image);
+* the world's text as a plain corpus, ``OUT/text/{train,val}.txt`` (every caption and every instruction
+  conversation without its image marks, one per line), and ``OUT/tokenizer/``, a byte-level BPE learnt
+  on the train corpus: the vocabulary a stage-0 LM for the world is pretrained with.
 
 Every record draws from its own ``random.Random`` keyed by (seed, split, task, index), so one record's
 content does not depend on how many others were written before it. Every file is written under a
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,12 +32,14 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from morph_lightning.modeling.text_tokenizer import train_bpe_tokenizer
+
 from .edits import STEPS, sample_chain, sample_edit
 from .language import article, caption, question
 from .render import render
 from .scene import COLOURS, GRID, SHAPES, SIZES, Obj, Scene, sample_scene
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 IMAGE_MARK = "<image>"
 JPEG_QUALITY = 95
 TASKS = ("t2i", "edit", "caption", "vqa", "multi_image", "in_context", "chain")
@@ -110,6 +116,12 @@ def _rng(seed: int, *parts: object) -> random.Random:
 # ---------------------------------------------------------------- image-text pairs
 
 
+def _pair(seed: int, split: str, i: int) -> tuple[Scene, str]:
+    rng = _rng(seed, "pairs", split, i)
+    scene = sample_scene(rng)
+    return scene, caption(scene, rng)
+
+
 def _write_pairs(root: Path, split: str, seed: int, count: int, size: int, shard_size: int) -> set[Path]:
     out = root / "pairs" / split
     out.mkdir(parents=True, exist_ok=True)
@@ -121,9 +133,7 @@ def _write_pairs(root: Path, split: str, seed: int, count: int, size: int, shard
             # mtime fixed so equal content gives byte-equal tars; we encode ourselves, hence encoder=False.
             with wds.TarWriter(f, encoder=False, mtime=0.0) as sink:
                 for i in range(start, min(start + shard_size, count)):
-                    rng = _rng(seed, "pairs", split, i)
-                    scene = sample_scene(rng)
-                    text = caption(scene, rng)
+                    scene, text = _pair(seed, split, i)
                     key = f"{i:09d}"
                     meta = {
                         "key": key,
@@ -424,6 +434,37 @@ def _write_instruct(
     return per_task, img.written | {path}
 
 
+# ---------------------------------------------------------------- text corpus and tokenizer
+
+
+def conversation_text(record: dict[str, Any]) -> str:
+    """An instruction record as plain text: the prompt without its image marks, then a text answer."""
+    text = record["input_text"].replace(IMAGE_MARK, " ")
+    if record["output_text"] is not None:
+        text += " " + record["output_text"]
+    return " ".join(text.split())
+
+
+def _write_text(root: Path, split: str, seed: int, num_pairs: int) -> Path:
+    records = (root / "instruct" / f"{split}.jsonl").read_text().splitlines()
+    lines = [_pair(seed, split, i)[1] for i in range(num_pairs)]
+    lines += [conversation_text(json.loads(line)) for line in records]
+    path = root / "text" / f"{split}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+    return path
+
+
+def _write_tokenizer(root: Path, corpus: Path, vocab_size: int) -> set[Path]:
+    """`save_pretrained` into a temporary folder, then rename it over ``tokenizer/``."""
+    final, tmp = root / "tokenizer", root / f".tokenizer.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    train_bpe_tokenizer(corpus.read_text().splitlines(), vocab_size).save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return set(final.iterdir())
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -434,9 +475,10 @@ def write_world(
     num_val_pairs: int = 200,
     num_instruct: int = 2000,
     num_val_instruct: int = 200,
-    image_size: int = 64,
+    image_size: int = 48,
     shard_size: int = 500,
     task_weights: dict[str, float] | None = None,
+    tokenizer_vocab_size: int = 1024,
 ) -> dict[str, Any]:
     """Write pairs and instruction data under `out_dir` and return the counts per split and task.
 
@@ -460,6 +502,7 @@ def write_world(
         "shard_size": shard_size,
         "task_weights": {t: float(weights.get(t, 0.0)) for t in TASKS},
         "jpeg_quality": JPEG_QUALITY,
+        "tokenizer_vocab_size": tokenizer_vocab_size,
     }
     root = Path(out_dir)
     manifest = root / "world.json"
@@ -479,15 +522,20 @@ def write_world(
         counts["pairs"][split] = n_pairs
         per_task, files = _write_instruct(root, split, seed, n_instruct, image_size, settings["task_weights"])
         counts["instruct"][split] = per_task
-        written |= files
+        written |= files | {_write_text(root, split, seed, n_pairs)}
+    written |= _write_tokenizer(root, root / "text" / "train.txt", tokenizer_vocab_size)
     counts["images"] = sum(1 for p in written if p.suffix == ".jpg")
     # Files a previous run with other settings (or an interrupted one's temporaries) left behind.
-    for folder in [root / "pairs" / s for s in SPLITS] + [root / "instruct" / "images"]:
+    for folder in [root / "pairs" / s for s in SPLITS] + [root / "instruct" / "images", root / "text"]:
         for path in folder.iterdir():
             if path not in written:
                 path.unlink()
-    for path in [*root.glob(".*.tmp*"), *(root / "instruct").glob(".*.tmp*")]:
-        path.unlink()
+    for path in [
+        *root.glob(".*.tmp*"),
+        *(root / "instruct").glob(".*.tmp*"),
+        *(root / "text").glob(".*.tmp*"),
+    ]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     body = {"format_version": FORMAT_VERSION, "settings": settings, "counts": counts}
     _atomic_bytes(manifest, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return counts
