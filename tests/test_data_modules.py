@@ -179,13 +179,15 @@ def _instruct_dm(path, batch_size=4) -> InstructionDataModule:
 
 def test_jsonl_records_become_samples(jsonl):
     samples = [r.sample for r in _instruct_dm(jsonl).val.records]
-    assert samples[0] == Sample(["USER: ", ImageRef(0), " What colour is it? ASSISTANT: "], ["red"])
-    assert samples[1].prompt[-1].endswith("make it green. ASSISTANT: ")  # exactly one space kept
+    # the space after "ASSISTANT:" moves to the text answer, whatever the record had
+    assert samples[0] == Sample(["USER: ", ImageRef(0), " What colour is it? ASSISTANT:"], [" red"])
+    assert samples[1].prompt[-1].endswith("make it green. ASSISTANT:")
     assert samples[1].answer == [ImageRef(1, target=True)]
     assert samples[2] == Sample(
-        ["USER: a cat. Generate an image based on the description. ASSISTANT: "], [ImageRef(0, target=True)]
+        ["USER: a cat. Generate an image based on the description. ASSISTANT:"], [ImageRef(0, target=True)]
     )
-    assert samples[3].prompt == ["USER: ", ImageRef(0), " and ", ImageRef(1), ": same? ASSISTANT: "]
+    assert samples[3].prompt == ["USER: ", ImageRef(0), " and ", ImageRef(1), ": same? ASSISTANT:"]
+    assert samples[3].answer == [" no"]
 
 
 def test_instruction_batches_point_at_the_right_pixels(jsonl):

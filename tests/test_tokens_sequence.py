@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from morph_lightning.modeling.llm import byte_level_tokenizer
-from morph_lightning.modeling.sequence import IGNORE, ImageRef, Sample, build_sequences
+from morph_lightning.modeling.sequence import IGNORE, ImageRef, Sample, build_sequences, marks_word_starts
+from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer, train_bpe_tokenizer
 from morph_lightning.modeling.tokens import MorphVocab, extend_tokenizer, morph_token
 
 
@@ -64,3 +64,29 @@ def test_left_padding_keeps_targets_and_positions():
     ((b, p, _),) = left.targets
     assert left.input_ids[b, p] == vocab.img_start
     assert left.position_ids[0, -1] == right.attention_mask[0].sum() - 1
+
+
+def test_a_continuing_piece_keeps_one_word_start_mark():
+    tok = train_bpe_tokenizer(["what colour is it? red", "the red circle"] * 10, vocab_size=300)
+    assert not marks_word_starts(tok)
+    vocab = extend_tokenizer(tok, num_morph=4)
+    # byte-level BPE: the leading space is what makes " red" the token it is inside a sentence
+    whole = tok("is it? red", add_special_tokens=False).input_ids
+    batch = build_sequences([Sample(["is it?"], [" red"])], torch.zeros(0, 2, dtype=torch.long), vocab, tok)
+    assert batch.input_ids[0, 1 : 1 + len(whole)].tolist() == whole
+
+
+def test_sentencepiece_style_pieces_drop_the_extra_space():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["▁is", "▁it?", "▁red", "▁", "<s>", "</s>", "<unk>", "▁a"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()  # Llama-like: "red" -> "▁red"
+    core.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.pad_token = tok.eos_token
+    assert marks_word_starts(tok)
+    vocab = extend_tokenizer(tok, num_morph=4)
+    batch = build_sequences([Sample(["is it?"], [" red"])], torch.zeros(0, 2, dtype=torch.long), vocab, tok)
+    assert batch.input_ids[0, 1:4].tolist() == [0, 1, 2]  # ▁is ▁it? ▁red, no lone "▁"

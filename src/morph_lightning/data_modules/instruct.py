@@ -71,8 +71,10 @@ def parse_record(obj: Any, folder: str, where: str) -> Record:
         raise bad("exactly one of output_img and output_text must be set")
     if not isinstance(out_img if out_text is None else out_text, str):
         raise bad("output_img / output_text must be a string")
-    if not text[-1:].isspace():  # the answer's first token must not glue onto "ASSISTANT:"
-        text += " "
+    # The space between "ASSISTANT:" and a text answer goes with the answer (" red"), as it does when a
+    # whole conversation is tokenized at once: the answer then starts with the word-start token the LM
+    # was pretrained on, and the prompt ends where generation starts.
+    text = text.rstrip()
     prompt: list[Piece] = []
     for i, piece in enumerate(text.split(IMAGE_MARK)):
         if i:
@@ -81,7 +83,7 @@ def parse_record(obj: Any, folder: str, where: str) -> Record:
             prompt.append(piece)
     images = [os.path.join(folder, p) for p in inputs]
     if out_img is None:
-        answer: list[Piece] = [out_text]
+        answer: list[Piece] = [" " + out_text.lstrip()]
     else:
         answer = [ImageRef(len(images), target=True)]
         images.append(os.path.join(folder, out_img))

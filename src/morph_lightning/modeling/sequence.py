@@ -52,7 +52,18 @@ class SequenceBatch:
         return SequenceBatch(**moved)
 
 
+def marks_word_starts(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """SentencePiece-style tokenizers (Llama, Vicuna) put a word-start mark on a piece's first word
+    themselves ("a" -> "▁a"); byte-level BPE (GPT-2 style) does not ("a" -> "a", " a" -> "Ġa")."""
+    return tokenizer.tokenize("a")[0].startswith("▁")
+
+
 def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> list[int]:
+    # Pieces are tokenized one by one, so a piece that continues a sentence (" red", after an image or
+    # a prompt) carries its leading space; where the tokenizer marks word starts itself, that space
+    # would be a second one.
+    if text.startswith(" ") and marks_word_starts(tokenizer):
+        text = text[1:]
     return tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
 
 
