@@ -1,9 +1,11 @@
+import contextlib
 import json
 import random
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from morph_lightning.data_modules.world.edits import sample_edit
@@ -12,6 +14,7 @@ from morph_lightning.data_modules.world.render import render
 from morph_lightning.data_modules.world.scene import sample_scene
 from morph_lightning.data_modules.world.writer import write_world
 from morph_lightning.evaluation import world_eval
+from morph_lightning.evaluation.perceptual import weights_path
 from morph_lightning.evaluation.report import image_grid, write_report
 from morph_lightning.evaluation.world_eval import (
     evaluate_world,
@@ -24,6 +27,7 @@ from morph_lightning.evaluation.world_metrics import caption_scores
 from morph_lightning.modeling.model import MorphModel
 
 TASKS = {"caption", "vqa", "multi_image", "t2i", "edit", "in_context", "chain", "drift"}
+IMAGE_TASKS = ("t2i", "edit", "in_context", "chain")
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +37,38 @@ def world(tmp_path_factory):
         root, num_pairs=8, num_val_pairs=4, num_instruct=40, num_val_instruct=24, image_size=64, shard_size=8
     )
     return root
+
+
+@contextlib.contextmanager
+def _hub_dir(path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(path))
+    try:
+        yield
+    finally:
+        torch.hub.set_dir(old)
+
+
+@pytest.fixture(scope="module")
+def alex_hub(tmp_path_factory):
+    """A torch hub dir holding AlexNet weights under torchvision's file name (random init: no download)."""
+    hub = tmp_path_factory.mktemp("hub")
+    with _hub_dir(hub):
+        weights_path().parent.mkdir(parents=True)
+        torch.save(torchvision.models.alexnet().state_dict(), weights_path())
+    return hub
+
+
+@pytest.fixture
+def with_lpips(alex_hub):
+    with _hub_dir(alex_hub):
+        yield
+
+
+@pytest.fixture
+def without_lpips(tmp_path):
+    with _hub_dir(tmp_path / "empty_hub"):
+        yield
 
 
 def _favour(model: MorphModel, token: int) -> None:
@@ -56,19 +92,40 @@ def _check_ranges(results) -> None:
         assert results.counts[task] >= 1
 
 
-def test_random_model_never_crashes_and_baselines_behave(world, tiny_cfg):
+def test_random_model_never_crashes_and_baselines_behave(world, tiny_cfg, with_lpips, monkeypatch):
     model = MorphModel(tiny_cfg).eval()
-    results = evaluate_world(model, world, max_per_task=3, batch_size=4, max_new_tokens=6)
+    encoded = []  # generation never encodes to VQGAN codes: every call here is the ceiling's
+    real_encode = model.vqgan.encode_to_codes
+
+    def spy(pixels):
+        encoded.append(pixels)
+        return real_encode(pixels)
+
+    monkeypatch.setattr(model.vqgan, "encode_to_codes", spy)
+    results = evaluate_world(model, world, max_per_task=3, batch_size=2, max_new_tokens=6)
     _check_ranges(results)
     assert results.counts["vqa"] == 3 and results.counts["drift"] == 1
+    assert results.notes == []
     for task in ("edit", "chain"):  # copying the input keeps everything and achieves no edit
         assert results.metrics[task]["baseline/kept"] == 1.0
         assert results.metrics[task]["baseline/success"] == 0.0
+    for task in ("edit", "in_context", "chain"):
+        for system in ("model", "baseline", "random", "ceiling"):
+            assert results.metrics[task][f"{system}/lpips"] >= 0.0, (task, system)
     drift = results.metrics["drift"]
-    assert {f"model/l1_turn{k}" for k in range(3)} <= set(drift)
+    assert {
+        f"{s}/{m}_turn{k}" for s in ("model", "baseline") for m in ("l1", "lpips") for k in range(3)
+    } <= set(drift)
+    # The ceiling is the VQGAN's reconstruction of each target, in batches: the random VQGAN's is far off
+    # (the ground-truth target itself would score L1 0).
+    assert all(len(batch) <= 2 for batch in encoded)
+    assert sum(map(len, encoded)) == sum(results.counts[t] for t in IMAGE_TASKS)
+    np.testing.assert_array_equal(to_uint8(encoded[0][0]), results.examples["t2i"][0].target)
+    for task in ("edit", "in_context", "chain"):
+        assert results.metrics[task]["ceiling/l1"] > 0.0
 
 
-def test_a_model_that_never_draws_scores_misses(world, tiny_cfg):
+def test_a_model_that_never_draws_scores_misses(world, tiny_cfg, with_lpips):
     model = MorphModel(tiny_cfg).eval()
     _favour(model, model.llm.tokenizer.eos_token_id)
     results = evaluate_world(model, world, max_per_task=3, batch_size=4, max_new_tokens=6)
@@ -78,10 +135,11 @@ def test_a_model_that_never_draws_scores_misses(world, tiny_cfg):
         assert all(ex.prediction is None for ex in results.examples[task])
     assert results.metrics["t2i"]["model/position"] == 0.0
     assert results.metrics["edit"]["model/l1"] == results.metrics["drift"]["model/l1_turn2"] == 1.0
+    assert results.metrics["edit"]["model/lpips"] == results.metrics["drift"]["model/lpips_turn2"] == 1.0
     assert results.metrics["edit"]["model/changed"] == 0.0  # no credit for "removing" by drawing nothing
 
 
-def test_image_paths_and_drift_feed_the_models_own_output(world, tiny_cfg, monkeypatch):
+def test_image_paths_and_drift_feed_the_models_own_output(world, tiny_cfg, monkeypatch, without_lpips):
     model = MorphModel(tiny_cfg).eval()
     _favour(model, model.vocab.img_start)
     fed = []
@@ -99,6 +157,10 @@ def test_image_paths_and_drift_feed_the_models_own_output(world, tiny_cfg, monke
         assert results.metrics[task]["model/no_image_rate"] == 0.0
         assert all(ex.prediction is not None for ex in results.examples[task])
     assert results.metrics["edit"]["model/l1"] < 1.0
+    # Without the AlexNet weights LPIPS is left out, and the results say where the file should be.
+    assert not any("lpips" in key for metrics in results.metrics.values() for key in metrics)
+    assert len(results.notes) == 1 and str(weights_path()) in results.notes[0]
+    assert not weights_path().exists()
     # The last three calls are the drift turns: turn k+1 reads turn k's prediction.
     (_, out0), (pix1, _) = fed[-3], fed[-2]
     vision, resolution = model.vision, model.config.vqgan.resolution
@@ -119,6 +181,8 @@ def test_scoring_helpers_give_ground_truth_full_marks():
         assert perfect == {"l1": 0.0, "success": 1.0, "kept": 1.0, "changed": 1.0}
         miss = score_edit(None, target, edit.source, edit.target)
         assert miss == {"l1": 1.0, "success": 0.0, "kept": 0.0, "changed": 0.0}
+        assert score_edit(None, target, edit.source, edit.target, lpips=lambda p, t: 0.5)["lpips"] == 1.0
+        assert score_edit(target, target, edit.source, edit.target, lpips=lambda p, t: 0.5)["lpips"] == 0.5
     small = render(scene, 24)  # below the parser's 48 px: upscaled, not refused
     assert parse_image(small).objects and min(small.shape[:2]) < 48
 
@@ -129,7 +193,7 @@ def test_image_grid_layout():
     assert grid.dtype == np.uint8 and grid.shape == (2 * 32 + 3 * 4, 2 * 32 + 3 * 4, 3)
 
 
-def test_write_report(world, tiny_cfg, tmp_path):
+def test_write_report(world, tiny_cfg, tmp_path, without_lpips):
     model = MorphModel(tiny_cfg).eval()
     _favour(model, model.vocab.img_start)
     results = evaluate_world(model, world, max_per_task=2, batch_size=4, max_new_tokens=4)
@@ -137,7 +201,9 @@ def test_write_report(world, tiny_cfg, tmp_path):
     out = path.parent
     body = json.loads((out / "report.json").read_text())
     assert body["metrics"] == results.metrics and body["extra"]["loss"] == 0.25
+    assert body["notes"] == results.notes and results.notes
     md = path.read_text()
+    assert md.index(results.notes[0]) < md.index("## ")  # near the top, before any table
     for task, metrics in results.metrics.items():
         assert f"## {task}" in md
         for name in {k.split("/", 1)[1] for k in metrics}:

@@ -23,7 +23,8 @@ SYSTEM_NOTES = {
     "baseline": "the trivial baseline (another record's caption, the majority answer, another record's "
     "image for t2i, copying the input image for edits and drift)",
     "random": "another record's target image",
-    "ceiling": "the ground-truth target at the VQGAN resolution, scored like a prediction",
+    "ceiling": "the target encoded to VQGAN codes and decoded back, scored like a prediction: the best the "
+    "frozen VQGAN can draw it",
 }
 GRID_CELL = 96  # grids upscale every image (nearest) to at least this many pixels
 GAP = 4  # white pixels between grid cells
@@ -98,10 +99,17 @@ def write_report(results: WorldResults, out_dir: str | Path, extra: dict | None 
     """Write report.json, report.md and grid_{task}.png under `out_dir`; returns report.md's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    body = {"metrics": results.metrics, "counts": results.counts, "extra": extra or {}}
+    body = {
+        "metrics": results.metrics,
+        "counts": results.counts,
+        "notes": results.notes,
+        "extra": extra or {},
+    }
     _atomic_bytes(out / "report.json", (json.dumps(body, indent=2, default=_jsonable) + "\n").encode())
 
     md = ["# World evaluation", ""]
+    if results.notes:  # first, so a missing metric is not mistaken for a forgotten one
+        md += ["**Notes**", "", *[f"- {note}" for note in results.notes], ""]
     md += [f"- **{s}**: {note}" for s, note in SYSTEM_NOTES.items()]
     md.append("")
     if extra:

@@ -6,19 +6,23 @@ scores them against the scenes the writer recorded:
 * caption: caption_scores of the text vs the scene; baseline: another record's caption.
 * vqa / multi_image: exact match; baseline: the majority training answer of the same task.
 * t2i: scene_accuracy of the parsed image vs the intended scene; baseline: another record's target image.
-* edit / in_context / chain (each turn from the ground-truth input): pixel L1 to the target and
-  edit_scores of the parsed image; baseline: copy the input; random: another record's target image.
-* drift: chains edited turn after turn from the model's own previous output; L1 and exactness per turn;
-  baseline: copy the chain's first image every turn (an editor that does nothing).
+* edit / in_context / chain (each turn from the ground-truth input): pixel L1 and LPIPS to the target
+  and edit_scores of the parsed image; baseline: copy the input; random: another record's target image.
+* drift: chains edited turn after turn from the model's own previous output; L1, LPIPS and exactness per
+  turn; baseline: copy the chain's first image every turn (an editor that does nothing).
+
+LPIPS needs torchvision's ImageNet AlexNet weights in the torch hub cache and never downloads them;
+without them there are no `lpips` metrics and `WorldResults.notes` says why (see `perceptual`).
 
 Images are compared at the VQGAN's resolution (what the model can produce). `ceiling` rows score the
-ground-truth target pushed through the same resolution, i.e. the best a perfect generator can reach
-there (the parser needs ~48 px; smaller images are upscaled with nearest but lose detail).
+target encoded to VQGAN codes and decoded back by the frozen VQGAN: the best a generator that predicts
+codes perfectly can draw (the parser needs ~48 px; smaller images are upscaled with nearest but lose
+detail).
 
 Generation is greedy for text and images alike (`temperature=0`, `image_temperature=0`: argmax morph
 tokens and argmax VQGAN codes), so a score is a deterministic function of the weights; sampling would
 add noise that pixel metrics punish. A row that emits no image where one is expected is a miss: L1 1.0,
-every scene score 0, counted in `model/no_image_rate`.
+LPIPS 1.0, every scene score 0, counted in `model/no_image_rate`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from morph_lightning.data_modules.transforms import BadImage, ImageTransforms, l
 from morph_lightning.data_modules.world.parser import parse, scene_accuracy
 from morph_lightning.data_modules.world.scene import BACKGROUND, Scene
 from morph_lightning.data_modules.world.writer import scene_from_json
+from morph_lightning.evaluation.perceptual import LPIPSDistance, load_lpips
 from morph_lightning.evaluation.world_metrics import (
     caption_scores,
     edit_scores,
@@ -79,6 +84,7 @@ class WorldResults:
     metrics: dict[str, dict[str, float]]
     examples: dict[str, list[Example]] = field(default_factory=dict)  # drift: one chain's turns in order
     counts: dict[str, int] = field(default_factory=dict)  # records scored per task (drift: chains)
+    notes: list[str] = field(default_factory=list)  # what was not measured and why (e.g. no LPIPS weights)
 
 
 @dataclass
@@ -96,6 +102,12 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """[3, H, W] in [-1, 1] -> [H, W, 3] uint8."""
     x = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 0).numpy()
+
+
+def from_uint8(image: np.ndarray) -> torch.Tensor:
+    """[H, W, 3] uint8 -> [3, H, W] in [-1, 1]; inverts `to_uint8` on the VQGAN transform's output (its
+    pixels are already multiples of 1/255), up to float rounding."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def parse_image(image: np.ndarray) -> Scene:
@@ -143,15 +155,31 @@ def score_t2i(prediction: np.ndarray | None, scene_out: Scene) -> dict[str, floa
     return scene_accuracy(parse_image(prediction), scene_out)
 
 
-def score_edit(
-    prediction: np.ndarray | None, target: np.ndarray, scene_in: Scene, scene_out: Scene
+def image_distances(
+    prediction: np.ndarray | None, target: np.ndarray, lpips: LPIPSDistance | None = None
 ) -> dict[str, float]:
-    """L1 to the target (at the target's resolution) and edit_scores of the parsed image; a missing
-    image is the worst case (L1 1, scores 0) so that emitting nothing never looks like keeping things."""
+    """Pixel L1 and, given `lpips`, LPIPS to the target (at the target's resolution); a missing image
+    is the worst case: L1 1.0 and LPIPS 1.0 (about the distance between unrelated images)."""
     if prediction is None:
-        return {"l1": 1.0, **dict.fromkeys(EDIT_KEYS, 0.0)}
-    l1 = pixel_l1(_resize(prediction, target.shape[0]), target)
-    return {"l1": l1, **edit_scores(parse_image(prediction), scene_in, scene_out)}
+        return {"l1": 1.0} | ({"lpips": 1.0} if lpips is not None else {})
+    prediction = _resize(prediction, target.shape[0])
+    distances = {"l1": pixel_l1(prediction, target)}
+    return distances | ({"lpips": lpips(prediction, target)} if lpips is not None else {})
+
+
+def score_edit(
+    prediction: np.ndarray | None,
+    target: np.ndarray,
+    scene_in: Scene,
+    scene_out: Scene,
+    lpips: LPIPSDistance | None = None,
+) -> dict[str, float]:
+    """`image_distances` and edit_scores of the parsed image; a missing image is the worst case (scores
+    0 too) so that emitting nothing never looks like keeping things."""
+    distances = image_distances(prediction, target, lpips)
+    if prediction is None:
+        return distances | dict.fromkeys(EDIT_KEYS, 0.0)
+    return distances | edit_scores(parse_image(prediction), scene_in, scene_out)
 
 
 def _prefixed(system: str, scores: dict[str, float]) -> dict[str, float]:
@@ -187,6 +215,7 @@ class _Settings:
     batch_size: int
     image_temperature: float
     generator: torch.Generator
+    lpips: LPIPSDistance | None  # None: weights not cached, LPIPS is left out
 
 
 def _generate(
@@ -212,6 +241,18 @@ def _generate(
         for text, idx in zip(out.texts, out.images, strict=True):
             results.append((text, to_uint8(out.pixels[idx[0]]) if idx else None))
     return results
+
+
+@torch.no_grad()
+def vqgan_reconstruct(model: MorphModel, images: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """uint8 images at the VQGAN resolution, encoded to codes and decoded back by the frozen VQGAN."""
+    param = next(model.vqgan.parameters())
+    out: list[np.ndarray] = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([from_uint8(img) for img in images[start : start + batch_size]])
+        codes = model.vqgan.encode_to_codes(pixels.to(param.device, param.dtype))
+        out += [to_uint8(x) for x in model.vqgan.decode_codes(codes)]
+    return out
 
 
 def _prompt_text(pieces: list[Piece]) -> str:
@@ -288,9 +329,12 @@ def _image_task(
     task: str, items: list[_Item], model: MorphModel, images: _Images, s: _Settings, rng: random.Random
 ) -> tuple[dict[str, float], list[Example]]:
     outputs = _generate(model, [(it.prompt, [images(p)[0] for p in it.inputs]) for it in items], True, s)
+    targets = [images(it.target)[1] for it in items]
+    ceilings = vqgan_reconstruct(model, targets, s.batch_size)
     rows, examples = [], []
-    for i, (it, (text, pred)) in enumerate(zip(items, outputs, strict=True)):
-        target = images(it.target)[1]
+    for i, (it, (text, pred), target, ceiling) in enumerate(
+        zip(items, outputs, targets, ceilings, strict=True)
+    ):
         scene_out = scene_from_json(it.meta["scene_out"])
         j = _other(rng, items, i)  # with no other record, an empty canvas stands in for a random image
         other = images(items[j].target)[1] if j is not None else _blank(target.shape[0])
@@ -298,19 +342,23 @@ def _image_task(
         if not it.inputs:  # text to image: only the scene can be checked, there is no source
             row |= _prefixed("model", score_t2i(pred, scene_out))
             row |= _prefixed("baseline", score_t2i(other, scene_out))
-            row |= _prefixed("ceiling", score_t2i(target, scene_out))
+            row |= _prefixed("ceiling", score_t2i(ceiling, scene_out))
         else:
             scene_in = scene_from_json(it.meta["scene_in"])
             source = images(it.inputs[-1])[1]
-            copy = {"l1": pixel_l1(source, target), **edit_scores(scene_in, scene_in, scene_out)}
-            row |= _prefixed("model", score_edit(pred, target, scene_in, scene_out))
+            copy = image_distances(source, target, s.lpips) | edit_scores(scene_in, scene_in, scene_out)
+            row |= _prefixed("model", score_edit(pred, target, scene_in, scene_out, s.lpips))
             row |= _prefixed("baseline", copy)
-            row |= _prefixed("random", score_edit(other, target, scene_in, scene_out))
-            row |= _prefixed("ceiling", edit_scores(parse_image(target), scene_in, scene_out))
+            row |= _prefixed("random", score_edit(other, target, scene_in, scene_out, s.lpips))
+            row |= _prefixed("ceiling", score_edit(ceiling, target, scene_in, scene_out, s.lpips))
         rows.append(row)
         source_img = images(it.inputs[-1])[1] if it.inputs else None
         examples.append(Example(_prompt_text(it.prompt), text, "", source_img, pred, target))
     return _mean(rows), examples
+
+
+def _turn(system: str, turn: int, scores: dict[str, float]) -> dict[str, float]:
+    return {f"{system}/{k}_turn{turn}": v for k, v in scores.items()}
 
 
 def _drift(
@@ -331,14 +379,11 @@ def _drift(
         for c, (text, pred) in zip(active, outputs, strict=True):
             it = chains[c][turn]
             target, scene_out = images(it.target)[1], scene_from_json(it.meta["scene_out"])
-            rows.append(
-                {
-                    f"model/l1_turn{turn}": score_edit(pred, target, first_scene[c], scene_out)["l1"],
-                    f"model/exact_turn{turn}": float(pred is not None and parse_image(pred) == scene_out),
-                    f"baseline/l1_turn{turn}": pixel_l1(first[c], target),
-                    f"baseline/exact_turn{turn}": float(first_scene[c] == scene_out),
-                }
-            )
+            ours = image_distances(pred, target, s.lpips)
+            ours["exact"] = float(pred is not None and parse_image(pred) == scene_out)
+            copy = image_distances(first[c], target, s.lpips)
+            copy["exact"] = float(first_scene[c] == scene_out)
+            rows.append(_turn("model", turn, ours) | _turn("baseline", turn, copy))
             misses.append(float(pred is None))
             if c == 0:
                 examples.append(Example(_prompt_text(it.prompt), text, "", current[c][1], pred, target))
@@ -396,6 +441,9 @@ def evaluate_world(
     for item in _read(root / f"{split}.jsonl"):
         by_task[item.meta["task"]].append(item)
     train_answers = _train_answers(root / "train.jsonl")
+    distance, reason = load_lpips()
+    if reason:
+        log.warning("%s", reason)
     vision = model.vision
     images = _Images(
         ImageTransforms(vision.image_size, model.config.vqgan.resolution, vision.mean, vision.std)
@@ -406,9 +454,10 @@ def evaluate_world(
         batch_size=batch_size,
         image_temperature=image_temperature,
         generator=torch.Generator(device=next(model.parameters()).device).manual_seed(seed),
+        lpips=distance,
     )
     rng = random.Random(seed)
-    results = WorldResults(metrics={})
+    results = WorldResults(metrics={}, notes=[reason] if reason else [])
     was_training = model.training
     model.eval()
     try:
