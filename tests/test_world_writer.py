@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from transformers import AutoTokenizer
 
 from morph_lightning.data_modules.world import parse
 from morph_lightning.data_modules.world.writer import (
@@ -56,9 +57,9 @@ def test_pairs_are_webdataset_shards_that_parse_back(world: tuple[Path, dict]) -
             assert s["__key__"] == f"{i:09d}" and {"jpg", "txt", "json"} <= set(s)
             meta = json.loads(s["json"])
             assert meta["key"] == s["__key__"] and meta["caption"] == s["txt"].decode()
-            assert meta["status"] == "success" and meta["width"] == meta["height"] == 64
+            assert meta["status"] == "success" and meta["width"] == meta["height"] == 48
             image = _decode(s["jpg"])
-            assert image.shape == (64, 64, 3)
+            assert image.shape == (48, 48, 3)
             exact += parse(image) == scene_from_json(meta["scene"])
         assert exact >= 0.98 * n
 
@@ -146,3 +147,16 @@ def test_changed_settings_rewrite_and_drop_stale_files(tmp_path: Path) -> None:
     assert not list((tmp_path / "instruct").glob(".*"))
     manifest = json.loads((tmp_path / "world.json").read_text())
     assert manifest["settings"]["shard_size"] == 30 and manifest["counts"] == counts
+
+
+def test_text_corpus_and_tokenizer(world: tuple[Path, dict]) -> None:
+    out, counts = world
+    for split in ("train", "val"):
+        lines = (out / "text" / f"{split}.txt").read_text().splitlines()
+        records = _records(out, split)
+        assert len(lines) == counts["pairs"][split] + len(records)
+        assert not any("<image>" in line for line in lines)
+        assert lines[-1].endswith(records[-1]["output_text"] or "ASSISTANT:")
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    caption = (out / "text" / "train.txt").read_text().splitlines()[0]
+    assert tok.decode(tok(caption).input_ids) == caption and len(tok(caption).input_ids) < len(caption) / 2
