@@ -77,16 +77,21 @@ def test_a_continuing_piece_keeps_one_word_start_mark():
 
 
 def test_sentencepiece_style_pieces_drop_the_extra_space():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["▁is", "▁it?", "▁red", "▁", "<s>", "</s>", "<unk>", "▁a"]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Metaspace()  # Llama-like: "red" -> "▁red"
-    core.decoder = decoders.Metaspace()
+    # Built like Llama's fast tokenizer: prepend "▁", spaces become "▁", so " red" alone is "▁▁red".
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"])
+    core.train_from_iterator(["is it? red", "the red circle", "a red square"] * 20, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok.pad_token = tok.eos_token
     assert marks_word_starts(tok)
+    assert tok.tokenize(" red") == ["▁", "▁red"]  # what the piece would give with its space kept
     vocab = extend_tokenizer(tok, num_morph=4)
     batch = build_sequences([Sample(["is it?"], [" red"])], torch.zeros(0, 2, dtype=torch.long), vocab, tok)
-    assert batch.input_ids[0, 1:4].tolist() == [0, 1, 2]  # ▁is ▁it? ▁red, no lone "▁"
+    expected = (
+        tok("is it?", add_special_tokens=False).input_ids + tok("red", add_special_tokens=False).input_ids
+    )
+    assert batch.input_ids[0, 1 : 1 + len(expected)].tolist() == expected

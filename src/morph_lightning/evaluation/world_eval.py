@@ -35,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -104,12 +104,6 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).numpy()
 
 
-def from_uint8(image: np.ndarray) -> torch.Tensor:
-    """[H, W, 3] uint8 -> [3, H, W] in [-1, 1]; inverts `to_uint8` on the VQGAN transform's output (its
-    pixels are already multiples of 1/255), up to float rounding."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
-
-
 def parse_image(image: np.ndarray) -> Scene:
     """Parse an image of any size, upscaling small ones with nearest so the cells keep their pixels."""
     factor = math.ceil(PARSE_MIN_SIZE / min(image.shape[:2]))
@@ -128,21 +122,27 @@ def _blank(size: int) -> np.ndarray:
     return np.full((size, size, 3), BACKGROUND, dtype=np.uint8)
 
 
+class Encoded(NamedTuple):
+    vision: torch.Tensor  # the vision tower's input
+    image: np.ndarray  # uint8 at the VQGAN resolution, what predictions are compared with
+    vqgan: torch.Tensor  # the VQGAN's input, [-1, 1]
+
+
 class _Images:
-    """Path -> (vision tensor, uint8 image at the VQGAN resolution), each file decoded once."""
+    """Path -> `Encoded`, each file decoded once."""
 
     def __init__(self, transforms: ImageTransforms) -> None:
         self.transforms = transforms
-        self.cache: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+        self.cache: dict[str, Encoded] = {}
 
-    def __call__(self, path: str) -> tuple[torch.Tensor, np.ndarray]:
+    def __call__(self, path: str) -> Encoded:
         if path not in self.cache:
             self.cache[path] = self.encode(load_image(path))
         return self.cache[path]
 
-    def encode(self, image: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
+    def encode(self, image: Image.Image) -> Encoded:
         vision, vqgan = self.transforms(image)
-        return vision, to_uint8(vqgan)
+        return Encoded(vision, to_uint8(vqgan), vqgan)
 
 
 # ---------------------------------------------------------------- scoring one record
@@ -244,14 +244,13 @@ def _generate(
 
 
 @torch.no_grad()
-def vqgan_reconstruct(model: MorphModel, images: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
-    """uint8 images at the VQGAN resolution, encoded to codes and decoded back by the frozen VQGAN."""
+def vqgan_reconstruct(model: MorphModel, pixels: list[torch.Tensor], batch_size: int) -> list[np.ndarray]:
+    """VQGAN inputs [3, R, R] encoded to codes and decoded back by the frozen VQGAN, as uint8 images."""
     param = next(model.vqgan.parameters())
     out: list[np.ndarray] = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([from_uint8(img) for img in images[start : start + batch_size]])
-        codes = model.vqgan.encode_to_codes(pixels.to(param.device, param.dtype))
-        out += [to_uint8(x) for x in model.vqgan.decode_codes(codes)]
+    for start in range(0, len(pixels), batch_size):
+        batch = torch.stack(pixels[start : start + batch_size]).to(param.device, param.dtype)
+        out += [to_uint8(x) for x in model.vqgan.decode_codes(model.vqgan.encode_to_codes(batch))]
     return out
 
 
@@ -296,7 +295,7 @@ def _text_task(
     s: _Settings,
     rng: random.Random,
 ) -> tuple[dict[str, float], list[Example]]:
-    outputs = _generate(model, [(it.prompt, [images(p)[0] for p in it.inputs]) for it in items], False, s)
+    outputs = _generate(model, [(it.prompt, [images(p).vision for p in it.inputs]) for it in items], False, s)
     texts = [t for t, _ in outputs]
     answers = [it.meta["output_text"] for it in items]
     if task == "caption":  # scored by what it says about the scene; other text tasks by exact match
@@ -319,7 +318,7 @@ def _text_task(
             "baseline/exact_match": majority_answer_baseline(train_answers or answers, answers),
         }
     examples = [
-        Example(_prompt_text(it.prompt), t, a, images(it.inputs[-1])[1] if it.inputs else None, None, None)
+        Example(_prompt_text(it.prompt), t, a, images(it.inputs[-1]).image if it.inputs else None, None, None)
         for it, t, a in zip(items, texts, answers, strict=True)
     ]
     return metrics, examples
@@ -328,16 +327,16 @@ def _text_task(
 def _image_task(
     task: str, items: list[_Item], model: MorphModel, images: _Images, s: _Settings, rng: random.Random
 ) -> tuple[dict[str, float], list[Example]]:
-    outputs = _generate(model, [(it.prompt, [images(p)[0] for p in it.inputs]) for it in items], True, s)
-    targets = [images(it.target)[1] for it in items]
-    ceilings = vqgan_reconstruct(model, targets, s.batch_size)
+    outputs = _generate(model, [(it.prompt, [images(p).vision for p in it.inputs]) for it in items], True, s)
+    targets = [images(it.target).image for it in items]
+    ceilings = vqgan_reconstruct(model, [images(it.target).vqgan for it in items], s.batch_size)
     rows, examples = [], []
     for i, (it, (text, pred), target, ceiling) in enumerate(
         zip(items, outputs, targets, ceilings, strict=True)
     ):
         scene_out = scene_from_json(it.meta["scene_out"])
         j = _other(rng, items, i)  # with no other record, an empty canvas stands in for a random image
-        other = images(items[j].target)[1] if j is not None else _blank(target.shape[0])
+        other = images(items[j].target).image if j is not None else _blank(target.shape[0])
         row = {"model/no_image_rate": float(pred is None)}
         if not it.inputs:  # text to image: only the scene can be checked, there is no source
             row |= _prefixed("model", score_t2i(pred, scene_out))
@@ -345,14 +344,14 @@ def _image_task(
             row |= _prefixed("ceiling", score_t2i(ceiling, scene_out))
         else:
             scene_in = scene_from_json(it.meta["scene_in"])
-            source = images(it.inputs[-1])[1]
+            source = images(it.inputs[-1]).image
             copy = image_distances(source, target, s.lpips) | edit_scores(scene_in, scene_in, scene_out)
             row |= _prefixed("model", score_edit(pred, target, scene_in, scene_out, s.lpips))
             row |= _prefixed("baseline", copy)
             row |= _prefixed("random", score_edit(other, target, scene_in, scene_out, s.lpips))
             row |= _prefixed("ceiling", score_edit(ceiling, target, scene_in, scene_out, s.lpips))
         rows.append(row)
-        source_img = images(it.inputs[-1])[1] if it.inputs else None
+        source_img = images(it.inputs[-1]).image if it.inputs else None
         examples.append(Example(_prompt_text(it.prompt), text, "", source_img, pred, target))
     return _mean(rows), examples
 
@@ -366,19 +365,19 @@ def _drift(
 ) -> tuple[dict[str, float], list[Example]]:
     """Edit each chain turn after turn, feeding the model its own previous output (a miss carries the
     image in hand forward), and score every turn against the ground truth."""
-    current = [images(chain[0].inputs[0]) for chain in chains]  # (vision tensor, uint8) fed next
-    first = [img for _, img in current]
+    current = [images(chain[0].inputs[0]) for chain in chains]  # the image fed to the next turn
+    first = [enc.image for enc in current]
     first_scene = [scene_from_json(chain[0].meta["scene_in"]) for chain in chains]
     metrics: dict[str, float] = {}
     misses: list[float] = []
     examples: list[Example] = []
     for turn in range(max(len(c) for c in chains)):
         active = [c for c, chain in enumerate(chains) if len(chain) > turn]
-        outputs = _generate(model, [(chains[c][turn].prompt, [current[c][0]]) for c in active], True, s)
+        outputs = _generate(model, [(chains[c][turn].prompt, [current[c].vision]) for c in active], True, s)
         rows = []
         for c, (text, pred) in zip(active, outputs, strict=True):
             it = chains[c][turn]
-            target, scene_out = images(it.target)[1], scene_from_json(it.meta["scene_out"])
+            target, scene_out = images(it.target).image, scene_from_json(it.meta["scene_out"])
             ours = image_distances(pred, target, s.lpips)
             ours["exact"] = float(pred is not None and parse_image(pred) == scene_out)
             copy = image_distances(first[c], target, s.lpips)
@@ -386,7 +385,7 @@ def _drift(
             rows.append(_turn("model", turn, ours) | _turn("baseline", turn, copy))
             misses.append(float(pred is None))
             if c == 0:
-                examples.append(Example(_prompt_text(it.prompt), text, "", current[c][1], pred, target))
+                examples.append(Example(_prompt_text(it.prompt), text, "", current[c].image, pred, target))
             if pred is not None:
                 current[c] = images.encode(Image.fromarray(pred))
         metrics |= _mean(rows)

@@ -42,8 +42,9 @@ class CodeUsage(nn.Module):
     def update(self, ids: Tensor) -> Tensor:
         """Adds one batch of picked code ids (any shape) to the EMA; returns this batch's counts [K]."""
         counts = torch.bincount(ids.flatten(), minlength=self.codebook_size).float()
-        summed = counts.clone()
+        summed = counts
         if _distributed():
+            summed = counts.clone()
             dist.all_reduce(summed)  # every rank keeps the same EMA, so all agree on which codes are dead
         self.usage_ema.mul_(self.usage_decay).add_(summed / summed.sum(), alpha=1.0 - self.usage_decay)
         return counts

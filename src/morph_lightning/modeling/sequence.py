@@ -58,11 +58,11 @@ def marks_word_starts(tokenizer: PreTrainedTokenizerBase) -> bool:
     return tokenizer.tokenize("a")[0].startswith("▁")
 
 
-def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> list[int]:
+def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, drop_space: bool) -> list[int]:
     # Pieces are tokenized one by one, so a piece that continues a sentence (" red", after an image or
-    # a prompt) carries its leading space; where the tokenizer marks word starts itself, that space
-    # would be a second one.
-    if text.startswith(" ") and marks_word_starts(tokenizer):
+    # a prompt) carries its leading space; where the tokenizer marks word starts itself (`drop_space`),
+    # that space would be a second one.
+    if drop_space and text.startswith(" "):
         text = text[1:]
     return tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
 
@@ -86,12 +86,13 @@ def build_sequences(
     rows: list[tuple[list[int], list[bool], list[int]]] = []
     targets: list[tuple[int, int, int]] = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    drop_space = marks_word_starts(tokenizer)
     for b, sample in enumerate(samples):
         ids, scored, slots = list(bos), [False] * len(bos), [-1] * len(bos)
         pieces = [(p, False) for p in sample.prompt] + [(p, True) for p in sample.answer]
         for piece, in_answer in pieces:
             if isinstance(piece, str):
-                new = _text_ids(tokenizer, piece, max_text_tokens)
+                new = _text_ids(tokenizer, piece, max_text_tokens, drop_space)
                 new_slots = [-1] * len(new)
             else:
                 if piece.target:

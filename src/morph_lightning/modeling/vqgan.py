@@ -279,7 +279,10 @@ class VQGAN(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (reconstruction, codebook loss, codes [B, h*w])."""
-        z_q, codebook_loss, codes = self.quantize(self.latents(images))
+        return self._quantize_decode(self.latents(images))
+
+    def _quantize_decode(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        z_q, codebook_loss, codes = self.quantize(z)
         return self.decoder(self.post_quant_conv(z_q)), codebook_loss, codes
 
     def reconstruction_loss(
@@ -291,10 +294,10 @@ class VQGAN(nn.Module):
         track = code_usage is not None and self.training
         if track:
             code_usage.revive(self.codebook, z.detach().permute(0, 2, 3, 1).flatten(0, 2))
-        z_q, codebook_loss, codes = self.quantize(z)
+        recon, codebook_loss, codes = self._quantize_decode(z)
         if track:
             code_usage.update(codes)
-        error = self.decoder(self.post_quant_conv(z_q)) - images
+        error = recon - images
         rec, l2 = error.abs().mean(), error.square().mean()
         return {"rec": rec, "l2": l2, "codebook": codebook_loss, "loss": rec + l2_weight * l2 + codebook_loss}
 
