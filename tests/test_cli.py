@@ -92,7 +92,9 @@ def test_stage2_print_config_has_the_paper_values(capsys):
     assert cfg["trainer"]["max_steps"] == 200000
     assert cfg["model"]["init_args"]["init_from"] == "runs/stage1/last.ckpt"
     assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == "runs/stage2"
-    assert cfg["data"]["init_args"]["instruct"] is False
+    assert cfg["data"]["class_path"] == "morph_lightning.data_modules.pairs.ImageTextPairsDataModule"
+    assert cfg["data"]["init_args"]["vision_size"] == 224 and cfg["data"]["init_args"]["vqgan_size"] == 256
+    assert cfg["model"]["init_args"]["pack_length"] == 1024
 
 
 def test_stage2_print_config_text(capsys):

@@ -104,7 +104,8 @@ class MorphModel(nn.Module):
 
     def run_llm(self, batch: SequenceBatch, enc: EncoderOutput | None) -> LLMOutput:
         embeds = self.llm.embed(batch.input_ids, self.morph_vectors(batch, enc))
-        return self.llm(embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        mask = None if batch.packed else batch.attention_mask  # packed: boundaries come from position_ids
+        return self.llm(embeds, attention_mask=mask, position_ids=batch.position_ids)
 
     def post_mllm_tokens(self, out: LLMOutput, targets: list[tuple[int, int, int]]) -> torch.Tensor:
         """M̂ [K, 32, D] of each target image: read at the positions that emit its morph tokens."""

@@ -46,6 +46,9 @@ class SequenceBatch:
     labels: torch.Tensor  # [B, T] next-token targets already shifted: labels[t] is the id at t + 1
     image_slot: torch.Tensor  # [B, T] image_index * num_tokens + k at morph positions, else -1
     targets: list[tuple[int, int, int]]  # (row, position of <img>, image index) of every target image
+    # Several samples per row, positions restarting at each: the LLM must get no 2D attention mask, so
+    # that transformers reads the sample boundaries from `position_ids` (a block-diagonal causal mask).
+    packed: bool = False
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()}
@@ -67,23 +70,20 @@ def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, dr
     return tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
 
 
-def build_sequences(
+Row = tuple[list[int], list[bool], list[int]]  # token ids, in-answer flags, image slots
+
+
+def _tokenize(
     samples: list[Sample],
     image_codes: torch.Tensor,
     vocab: MorphVocab,
     tokenizer: PreTrainedTokenizerBase,
-    max_text_tokens: int = 512,
-    pad_left: bool = False,
-    add_eos: bool = True,
-) -> SequenceBatch:
-    """Tokenise `samples`; `image_codes` [N, num_tokens] are the encoder's morph codes of each image.
-
-    Training rows are padded on the right; generation prompts (`pad_left=True`, empty answers) on the
-    left so that every row's next token is at the last position.
-    """
+    max_text_tokens: int,
+    add_eos: bool,
+) -> tuple[list[Row], list[tuple[int, int, int]]]:
     num_tokens = image_codes.shape[1]
     codes = image_codes.tolist()
-    rows: list[tuple[list[int], list[bool], list[int]]] = []
+    rows: list[Row] = []
     targets: list[tuple[int, int, int]] = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     drop_space = marks_word_starts(tokenizer)
@@ -108,24 +108,83 @@ def build_sequences(
             scored.append(True)
             slots.append(-1)
         rows.append((ids, scored, slots))
+    return rows, targets
 
-    length = max(len(r[0]) for r in rows)
-    shape = (len(rows), length)
+
+def _bins(lengths: list[int], pack_length: int) -> list[list[int]]:
+    """First-fit: each sample goes into the first row with room, in order (a sample longer than
+    `pack_length` gets a row of its own)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        j = next((j for j, r in enumerate(room) if r >= n), None)
+        if j is None:
+            bins.append([i])
+            room.append(pack_length - n)
+        else:
+            bins[j].append(i)
+            room[j] -= n
+    return bins
+
+
+def build_sequences(
+    samples: list[Sample],
+    image_codes: torch.Tensor,
+    vocab: MorphVocab,
+    tokenizer: PreTrainedTokenizerBase,
+    max_text_tokens: int = 512,
+    pad_left: bool = False,
+    add_eos: bool = True,
+    pack_length: int | None = None,
+) -> SequenceBatch:
+    """Tokenise `samples`; `image_codes` [N, num_tokens] are the encoder's morph codes of each image.
+
+    Training rows are padded on the right; generation prompts (`pad_left=True`, empty answers) on the
+    left so that every row's next token is at the last position. `pack_length`: put several samples
+    in one row of up to that many tokens (training only), each attending to itself alone, so short
+    samples do not pay for padding; the loss is the same as unpacked.
+    """
+    rows, targets = _tokenize(samples, image_codes, vocab, tokenizer, max_text_tokens, add_eos)
+    if pack_length is None:
+        bins = [[b] for b in range(len(rows))]
+    elif pad_left:
+        raise ValueError("packing is for training rows; generation prompts are padded on the left")
+    else:
+        bins = _bins([len(r[0]) for r in rows], pack_length)
+    place: dict[int, tuple[int, int]] = {}  # sample -> (row, offset in the row)
+    for row, members in enumerate(bins):
+        offset = 0
+        for b in members:
+            place[b] = (row, offset)
+            offset += len(rows[b][0])
+
+    length = max(sum(len(rows[b][0]) for b in members) for members in bins)
+    shape = (len(bins), length)
     input_ids = torch.full(shape, tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
     labels = torch.full(shape, IGNORE, dtype=torch.long)
     image_slot = torch.full(shape, -1, dtype=torch.long)
     for b, (ids, scored, slots) in enumerate(rows):
+        row, offset = place[b]
         n = len(ids)
-        span = slice(length - n, length) if pad_left else slice(0, n)
-        input_ids[b, span] = torch.tensor(ids)
-        mask[b, span] = 1
-        image_slot[b, span] = torch.tensor(slots)
-        # labels[t] = id[t + 1] wherever token t + 1 belongs to the answer
+        start = length - n if pad_left else offset
+        span = slice(start, start + n)
+        input_ids[row, span] = torch.tensor(ids)
+        mask[row, span] = 1
+        position_ids[row, span] = torch.arange(n)
+        image_slot[row, span] = torch.tensor(slots)
+        # labels[t] = id[t + 1] wherever token t + 1 belongs to the answer; never across samples
         shifted = [ids[t + 1] if scored[t + 1] else IGNORE for t in range(n - 1)] + [IGNORE]
-        labels[b, span] = torch.tensor(shifted)
-    if pad_left:
-        offset = length - mask.sum(1, keepdim=True)
-        targets = [(b, p + int(offset[b]), i) for b, p, i in targets]
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    return SequenceBatch(input_ids, mask, position_ids, labels, image_slot, targets)
+        labels[row, span] = torch.tensor(shifted)
+    if pack_length is not None:
+        # trailing padding is a segment of its own (positions from 0), so no sample attends to it
+        used = mask.sum(1)
+        for row in range(len(bins)):
+            position_ids[row, int(used[row]) :] = torch.arange(length - int(used[row]))
+    targets = [
+        (place[b][0], p + (length - len(rows[b][0]) if pad_left else place[b][1]), i) for b, p, i in targets
+    ]
+    return SequenceBatch(
+        input_ids, mask, position_ids, labels, image_slot, targets, packed=pack_length is not None
+    )

@@ -49,10 +49,13 @@ class MorphStage(L.LightningModule):
         decoder_weight: float = 1.0,
         morph_ar_weight: float = 0.0,
         max_text_tokens: int = 512,
+        pack_length: int | None = None,
         save_frozen_weights: bool = False,
         generation: GenerationSection | None = None,
     ) -> None:
-        """`generation`: the settings of `morph_lightning.generation.generate` used by `predict`."""
+        """`generation`: the settings of `morph_lightning.generation.generate` used by `predict`.
+        `pack_length`: pack several samples into each training row of up to that many tokens (see
+        `build_sequences`); None pads every sample to the batch's longest."""
         super().__init__()
         # Sections may arrive as dicts (a checkpoint's hyper-parameters); stored as plain dicts so that
         # checkpoints load with weights_only.
@@ -93,7 +96,10 @@ class MorphStage(L.LightningModule):
     # ---- the pieces every stage uses -----------------------------------------------------------
     def sequences(self, samples: list[Sample], enc: EncoderOutput) -> SequenceBatch:
         m = self.model
-        batch = build_sequences(samples, enc.ids, m.vocab, m.llm.tokenizer, self.hparams.max_text_tokens)
+        h = self.hparams
+        batch = build_sequences(
+            samples, enc.ids, m.vocab, m.llm.tokenizer, h.max_text_tokens, pack_length=h.pack_length
+        )
         return batch.to(self.device)
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,22 @@
+"""The benchmark scripts run (at toy size): their numbers are printed, not asserted."""
+
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packing_benchmark_packs_the_same_tokens_into_fewer_rows(capsys):
+    args = ["--device", "cpu", "--hidden", "32", "--layers", "1", "--batch-size", "6", "--batches", "2"]
+    results = _load("packing").main([*args, "--morph-tokens", "4", "--pack-length", "256"])
+    padded, packed = results.values()
+    assert packed["useful"] == padded["useful"] > 0
+    assert packed["rows"] < padded["rows"] and packed["total"] < padded["total"]
+    assert "useful tok/s" in capsys.readouterr().out
