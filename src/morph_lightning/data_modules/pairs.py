@@ -11,14 +11,17 @@ sees the skips of `num_workers=0` loading; the log lines are complete either way
 from __future__ import annotations
 
 import logging
+import random
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import lightning as L
 import webdataset as wds
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
 
+from morph_lightning.data_modules.resume import DataPosition, ResumableDataModule, rank_and_world
 from morph_lightning.data_modules.transforms import (
     CLIP_MEAN,
     CLIP_STD,
@@ -80,15 +83,69 @@ def _kept(item: dict[str, Any] | None) -> bool:
     return item is not None
 
 
-class ImageTextPairsDataModule(L.LightningDataModule):
+def expand_shards(shards: str | list[str]) -> list[str]:
+    """Brace patterns -> the list of shard urls."""
+    return [
+        u for s in ([shards] if isinstance(shards, str) else shards) for u in wds.shardlists.expand_urls(s)
+    ]
+
+
+class ShardStream(IterableDataset):
+    """Training samples from shards, in an order fixed by (seed, epoch, rank, worker): the shards are
+    shuffled per epoch and dealt to ranks, then to DataLoader workers; each worker's samples pass a
+    shuffle buffer; items carry `position` (epoch, worker, raw index) so the data module can save where
+    each worker stands. See `resume.py` for how a resume picks up from there."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        decode: Callable[[dict[str, Any]], dict[str, Any] | None],
+        handler: Callable[[Exception], bool],
+        seed: int,
+        shuffle_buffer: int,
+        start_epoch: int = 0,
+        resume: DataPosition | None = None,
+    ) -> None:
+        super().__init__()
+        self.urls, self.decode, self.handler = urls, decode, handler
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.epoch = start_epoch - 1  # counts iterations in whichever process iterates (persistent workers)
+        self.resume = resume
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.epoch += 1
+        resume, self.resume = self.resume, None  # only the first epoch resumes
+        rank, world = rank_and_world()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if resume is not None:
+            worker = (worker + resume.batches) % workers
+        shards = list(self.urls)
+        random.Random(f"shards-{self.seed}-{self.epoch}").shuffle(shards)
+        mine = shards[rank::world][worker::workers]
+        raw = tarfile_samples(({"url": u} for u in mine), handler=self.handler)
+        rng = random.Random(f"samples-{self.seed}-{self.epoch}-{rank}-{worker}")
+        stream = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
+        skip = resume.workers.get(worker, 0) if resume is not None else 0
+        for index, sample in enumerate(stream):
+            if index < skip:  # delivered before the interruption: not even decoded
+                continue
+            item = self.decode(sample)
+            if item is not None:
+                item["position"] = (self.epoch, worker, index)
+                yield item
+
+
+class ImageTextPairsDataModule(ResumableDataModule):
     """Pair batches: `vision_pixels` [B, 3, S, S], `vqgan_pixels` [B, 3, R, R], `captions`, `keys`.
 
     `train_shards` / `val_shards`: anything `webdataset.WebDataset` accepts: a brace pattern
     (`data/{00000..00099}.tar`), a path, a list of them, or remote urls (`pipe:curl -s ...`,
-    `s3://...` through fsspec). Training shuffles shard order (seeded by `seed`) and samples within a
-    `shuffle_buffer`; validation reads in order. Shards are split across ranks and workers, so give at
-    least `world_size * num_workers` shards. The datasets are iterable without a length: set the
-    trainer's `max_steps` (and `limit_val_batches` if needed).
+    `s3://...` through fsspec). Training shuffles shard order and samples within a `shuffle_buffer`,
+    both seeded by (`seed`, epoch), and resumes mid-epoch exactly (`resume.py`); validation reads in
+    order. Shards are split across ranks and workers, so give at least `world_size * num_workers`
+    shards. The datasets are iterable without a length: set the trainer's `max_steps` (and
+    `limit_val_batches` if needed).
     """
 
     def __init__(
@@ -111,20 +168,22 @@ class ImageTextPairsDataModule(L.LightningDataModule):
         self.transforms = ImageTransforms(vision_size, vqgan_size, mean, std)
         self.skipped: Counter[str] = Counter()
 
-    def dataset(self, shards: str | list[str], train: bool) -> wds.WebDataset:
+    def dataset(self, shards: str | list[str], train: bool) -> IterableDataset:
         h = self.hparams
         handler = ShardErrorHandler(self.skipped)
+        decoder = PairDecoder(self.transforms, self.skipped, h.min_size, h.max_pixels)
+        if train:
+            urls = expand_shards(shards)
+            return ShardStream(
+                urls, decoder, handler, h.seed, h.shuffle_buffer, self.start_epoch(), self.resume_point()
+            )
         ds = wds.WebDataset(
             shards,
-            shardshuffle=100 if train else False,
+            shardshuffle=False,
             handler=handler,
             nodesplitter=wds.split_by_node,
-            seed=h.seed,
             empty_check=False,  # a worker may get no shard, or only unreadable ones
         )
-        if train:
-            ds = ds.shuffle(h.shuffle_buffer)
-        decoder = PairDecoder(self.transforms, self.skipped, h.min_size, h.max_pixels)
         return ds.map(decoder).select(_kept)
 
     def _loader(self, shards: str | list[str], train: bool) -> DataLoader:
@@ -135,7 +194,7 @@ class ImageTextPairsDataModule(L.LightningDataModule):
             num_workers=h.num_workers,
             collate_fn=collate,
             drop_last=train,  # fixed batch shapes for training; all samples for validation
-            persistent_workers=h.num_workers > 0,
+            persistent_workers=h.num_workers > 0,  # also keeps each worker's epoch count
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -131,4 +131,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch["captions" if captions else "samples"] = captions or samples
     if all("key" in item for item in items):
         batch["keys"] = [item["key"] for item in items]
+    if all("position" in item for item in items):  # where a stream stands; see data_modules/resume.py
+        batch["positions"] = [item["position"] for item in items]
     return batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import lightning as L
@@ -28,6 +29,12 @@ def load_model_weights(path: str) -> dict[str, torch.Tensor]:
     if not weights:
         raise ValueError(f"init_from: {path} holds no `model.*` weights")
     return weights
+
+
+def step_seed(step: int, rank: int) -> int:
+    """A seed per (run seed, step, rank); the run seed is the one `seed_everything` set."""
+    base = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    return (base * 1_000_003 + step) * 1_009 + rank
 
 
 GenerationSection = section_of(
@@ -148,6 +155,11 @@ class MorphStage(L.LightningModule):
             "morph_ce": tok["morph_ce"],
             **quant,
         }
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Each step's randomness (stage 1's image side, code revival, dropout) is a function of the step
+        # and rank alone, so a resumed run draws what an uninterrupted one would have.
+        torch.manual_seed(step_seed(self.global_step, self.global_rank))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch)
