@@ -19,11 +19,13 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from morph_lightning.data_modules.transforms import (
@@ -43,11 +45,47 @@ KEYS = ("input_img", "output_img", "input_text", "output_text")
 IMAGE_MARK = "<image>"
 
 
+# A path, or a reader of an image stored in a dataset (its encoded bytes, or a path); `str()` names it.
+ImageSource = str | Callable[[], bytes | str]
+
+
 @dataclass
 class Record:
     sample: Sample
-    images: list[str]  # absolute paths, indexed by the sample's ImageRefs
+    images: list[ImageSource]  # indexed by the sample's ImageRefs
     where: str  # "file:line", for messages
+
+
+def build_record(
+    input_text: str,
+    inputs: list[ImageSource],
+    where: str,
+    output_text: str | None = None,
+    output_img: ImageSource | None = None,
+) -> Record:
+    """A prompt with one `<image>` mark per input image and one answer (text or image) -> a `Record`."""
+    if input_text.count(IMAGE_MARK) != len(inputs):
+        raise ValueError(
+            f"{where}: {input_text.count(IMAGE_MARK)} {IMAGE_MARK} marks but {len(inputs)} images"
+        )
+    if (output_img is None) == (output_text is None):
+        raise ValueError(f"{where}: exactly one of output_img and output_text must be set")
+    # The space between "ASSISTANT:" and a text answer goes with the answer (" red"), as it does when a
+    # whole conversation is tokenized at once: the answer then starts with the word-start token the LM
+    # was pretrained on, and the prompt ends where generation starts.
+    prompt: list[Piece] = []
+    for i, piece in enumerate(input_text.rstrip().split(IMAGE_MARK)):
+        if i:
+            prompt.append(ImageRef(i - 1))
+        if piece:
+            prompt.append(piece)
+    images = list(inputs)
+    if output_text is not None:
+        answer: list[Piece] = [" " + output_text.lstrip()]
+    else:
+        answer = [ImageRef(len(images), target=True)]
+        images.append(output_img)
+    return Record(Sample(prompt, answer), images, where)
 
 
 def parse_record(obj: Any, folder: str, where: str) -> Record:
@@ -65,29 +103,12 @@ def parse_record(obj: Any, folder: str, where: str) -> Record:
         raise bad("input_img must be a list of paths")
     if not isinstance(text, str):
         raise bad("input_text must be a string")
-    if text.count(IMAGE_MARK) != len(inputs):
-        raise bad(f"{text.count(IMAGE_MARK)} {IMAGE_MARK} marks but {len(inputs)} input_img")
     if (out_img is None) == (out_text is None):
         raise bad("exactly one of output_img and output_text must be set")
     if not isinstance(out_img if out_text is None else out_text, str):
         raise bad("output_img / output_text must be a string")
-    # The space between "ASSISTANT:" and a text answer goes with the answer (" red"), as it does when a
-    # whole conversation is tokenized at once: the answer then starts with the word-start token the LM
-    # was pretrained on, and the prompt ends where generation starts.
-    text = text.rstrip()
-    prompt: list[Piece] = []
-    for i, piece in enumerate(text.split(IMAGE_MARK)):
-        if i:
-            prompt.append(ImageRef(i - 1))
-        if piece:
-            prompt.append(piece)
-    images = [os.path.join(folder, p) for p in inputs]
-    if out_img is None:
-        answer: list[Piece] = [" " + out_text.lstrip()]
-    else:
-        answer = [ImageRef(len(images), target=True)]
-        images.append(os.path.join(folder, out_img))
-    return Record(Sample(prompt, answer), images, where)
+    out_img = None if out_img is None else os.path.join(folder, out_img)
+    return build_record(text, [os.path.join(folder, p) for p in inputs], where, out_text, out_img)
 
 
 def read_jsonl(path: str) -> list[Record]:
@@ -106,6 +127,12 @@ def read_jsonl(path: str) -> list[Record]:
     return records
 
 
+class _BadSource(Exception):
+    def __init__(self, reason: str, source: str) -> None:
+        super().__init__(reason, source)
+        self.reason, self.source = reason, source
+
+
 class InstructionDataset(Dataset):
     def __init__(
         self,
@@ -121,14 +148,20 @@ class InstructionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _load(self, src: ImageSource) -> Image.Image:
+        try:
+            return load_image(src if isinstance(src, str) else src(), self.min_size, self.max_pixels)
+        except BadImage as bad:
+            raise _BadSource(bad.reason, str(src)) from bad
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         for j in range(i, i + len(self.records)):
             rec = self.records[j % len(self.records)]
             try:
-                images = [load_image(p, self.min_size, self.max_pixels) for p in rec.images]
-            except BadImage as bad:
+                images = [self._load(src) for src in rec.images]
+            except _BadSource as bad:
                 self.skipped[bad.reason] += 1
-                log.warning("skipping record %s: %s", rec.where, bad)
+                log.warning("skipping record %s: image %s: %s", rec.where, bad.source, bad.__cause__)
                 continue
             pix = [self.transforms(img) for img in images]
             return {
