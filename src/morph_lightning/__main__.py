@@ -1,11 +1,17 @@
+import importlib
 import sys
 
 from morph_lightning.cli import main
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["demo"]:  # the embedded-world demo; everything else is LightningCLI
-        from morph_lightning.demo import main as demo_main
+# Subcommands with their own argument parser; everything else is LightningCLI.
+SUBCOMMANDS = {
+    "demo": "morph_lightning.demo",
+    "export": "morph_lightning.export",
+}
 
-        demo_main(sys.argv[2:])
+if __name__ == "__main__":
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command in SUBCOMMANDS:
+        importlib.import_module(SUBCOMMANDS[command]).main(sys.argv[2:])
     else:
         main()

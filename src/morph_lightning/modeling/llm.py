@@ -62,12 +62,13 @@ class MorphLLM(nn.Module):
         )
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+        # adopt: an export's tokenizer already holds the morph tokens
+        self.vocab: MorphVocab = extend_tokenizer(self.tokenizer, num_morph_tokens, adopt=True)
         rows = self.hf.get_input_embeddings().num_embeddings
-        if len(self.tokenizer) > rows:
+        if self.vocab.text_size > rows:
             raise ValueError(
-                f"llm: tokenizer has {len(self.tokenizer)} tokens but the model only {rows} rows"
+                f"llm: tokenizer has {self.vocab.text_size} text tokens but the model only {rows} rows"
             )
-        self.vocab: MorphVocab = extend_tokenizer(self.tokenizer, num_morph_tokens)
 
         self.hf.requires_grad_(False)
         if lora_r > 0:

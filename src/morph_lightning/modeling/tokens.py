@@ -63,15 +63,23 @@ class MorphVocab:
         return (ids - self.morph_offset).clamp(min=0)
 
 
-def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, num_morph: int) -> MorphVocab:
-    """Add <img>, </img>, <Emp> and the morph tokens so that their ids follow the layout above."""
-    vocab = MorphVocab(text_size=len(tokenizer), num_morph=num_morph)
-    if tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[0]) not in (None, tokenizer.unk_token_id):
+def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, num_morph: int, adopt: bool = False) -> MorphVocab:
+    """Add <img>, </img>, <Emp> and the morph tokens so that their ids follow the layout above. With
+    `adopt`, a tokenizer that already holds them (one saved by an export) is taken as it is, once its
+    layout is checked."""
+    img = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[0])
+    extended = img not in (None, tokenizer.unk_token_id)
+    if extended and not adopt:
         raise ValueError("tokenizer already holds <img>: pass the base LLM's tokenizer, not an extended one")
-    tokenizer.add_tokens(
-        list(SPECIAL_TOKENS) + [morph_token(k) for k in range(num_morph)], special_tokens=True
-    )
+    vocab = MorphVocab(text_size=img if extended else len(tokenizer), num_morph=num_morph)
+    if not extended:
+        tokenizer.add_tokens(
+            list(SPECIAL_TOKENS) + [morph_token(k) for k in range(num_morph)], special_tokens=True
+        )
     got = tokenizer.convert_tokens_to_ids([SPECIAL_TOKENS[0], morph_token(num_morph - 1)])
-    if got != [vocab.img_start, vocab.size - 1]:
-        raise RuntimeError(f"tokenizer assigned ids {got}, expected {[vocab.img_start, vocab.size - 1]}")
+    if got != [vocab.img_start, vocab.size - 1] or len(tokenizer) != vocab.size:
+        raise ValueError(
+            f"tokenizer ids {got} for <img> and {morph_token(num_morph - 1)} (size {len(tokenizer)}), "
+            f"expected {[vocab.img_start, vocab.size - 1]} (size {vocab.size}) for {num_morph} morph tokens"
+        )
     return vocab

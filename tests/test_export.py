@@ -1,0 +1,199 @@
+"""Export round trips: adapter and merged forms rebuild the same model; peft and transformers read the
+LLM parts on their own; a checkpoint's towers are named or copied; missing or mismatched files are named."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+
+from conftest import tiny_model_config
+from morph_lightning.export import export_model, load_exported, main
+from morph_lightning.modeling.model import MorphModel
+from morph_lightning.modeling.sequence import ImageRef, Sample, build_sequences
+from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer
+from morph_lightning.modeling.tokens import extend_tokenizer, morph_token
+from morph_lightning.modeling.vqgan import VQGAN
+from morph_lightning.stages.base import MorphStage
+
+
+def _perturb_lora(model: MorphModel) -> None:
+    """LoRA B starts at zero, which would make a lost adapter invisible."""
+    with torch.no_grad():
+        for name, p in model.llm.hf.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+
+
+@torch.no_grad()
+def _outputs(model: MorphModel) -> dict[str, torch.Tensor]:
+    """Encoder ids, LLM logits over a sequence with morph tokens, decoder logits, VQGAN codes."""
+    g = torch.Generator().manual_seed(1)
+    vision_px = torch.randn(2, 3, model.vision.image_size, model.vision.image_size, generator=g)
+    vqgan_px = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    enc = model.encode_images(vision_px)
+    samples = [
+        Sample(prompt=["USER: ", ImageRef(0), " what is it?"], answer=[" a red circle"]),
+        Sample(prompt=["USER: draw it"], answer=[ImageRef(1, target=True)]),
+    ]
+    seq = build_sequences(samples, enc.ids, model.vocab, model.llm.tokenizer)
+    assert model.vocab.is_morph(seq.input_ids).sum() == 2 * model.num_tokens
+    out = model.run_llm(seq, enc)
+    codes = model.vqgan_codes(vqgan_px[1:])
+    decoder = model.decoder(model.post_mllm_tokens(out, seq.targets), codes)
+    return {"ids": enc.ids, "input_ids": seq.input_ids, "llm": out.logits, "decoder": decoder, "codes": codes}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for key in ("ids", "input_ids", "codes"):
+        assert torch.equal(a[key], b[key]), key
+    for key in ("llm", "decoder"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny config: random towers and a random, trained base LLM, so every part is copied in."""
+    torch.manual_seed(0)
+    model = MorphModel(tiny_model_config()).eval()
+    _perturb_lora(model)
+    out = export_model(model, tmp_path_factory.mktemp("export") / "tiny", merged=True)
+    return model, out
+
+
+@pytest.mark.parametrize("form", ["adapter", "merged"])
+def test_both_forms_rebuild_the_exported_model(exported, form):
+    model, out = exported
+    loaded = load_exported(out, form=form)
+    _assert_same(_outputs(model), _outputs(loaded))
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert loaded.llm.vocab == model.llm.vocab
+
+
+def test_adapter_loads_with_peft_and_merged_llm_with_transformers(exported):
+    model, out = exported
+    ids = torch.tensor([[5, 40, 77, 3, 120]])
+    with torch.no_grad():
+        ours = model.llm.hf(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(out / "llm_base")
+        assert not torch.allclose(base(input_ids=ids).logits, ours, atol=1e-3)  # LoRA changes the output
+        with_adapter = PeftModel.from_pretrained(base, out / "adapter")(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "llm_merged")(input_ids=ids).logits
+    torch.testing.assert_close(with_adapter, ours)
+    torch.testing.assert_close(merged, ours, rtol=1e-4, atol=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(out / "llm_merged")
+    assert len(tokenizer) == model.vocab.size
+    assert tokenizer.convert_tokens_to_ids(morph_token(0)) == model.vocab.morph_offset
+    manifest = json.loads((out / "morph_config.json").read_text())
+    assert (
+        manifest["model"]["llm"]["name_or_path"] == "llm_base" and manifest["model"]["llm"]["config"] is None
+    )
+
+
+def _sources(root) -> dict:
+    """A tiny model whose LLM, vision tower and VQGAN come from files, as real weights do."""
+    cfg = tiny_model_config()
+    llm = AutoModelForCausalLM.from_config(
+        LlamaConfig(**{k: v for k, v in cfg["llm"]["config"].items() if k != "model_type"})
+    )
+    llm.save_pretrained(root / "llm")
+    byte_level_tokenizer().save_pretrained(root / "llm")
+    cfg["llm"].update(name_or_path=str(root / "llm"), config=None, train_base=False)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    CLIPVisionModel(CLIPVisionConfig(**vision, image_size=32, patch_size=8)).save_pretrained(root / "vision")
+    cfg["vision"] = {"backend": "transformers", "name": "unused", "checkpoint_path": str(root / "vision")}
+    torch.save({"state_dict": VQGAN(**cfg["vqgan"]).state_dict()}, root / "vqgan.ckpt")
+    cfg["vqgan_checkpoint"] = str(root / "vqgan.ckpt")
+    return cfg
+
+
+def test_checkpoint_export_names_its_sources_or_copies_them(tmp_path):
+    stage = MorphStage(model=_sources(tmp_path / "src"))
+    _perturb_lora(stage.model)
+    ckpt = {"state_dict": stage.state_dict(), "hyper_parameters": dict(stage.hparams)}
+    stage.on_save_checkpoint(ckpt)  # leaves out the frozen towers and base LLM, as training does
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    expected = _outputs(stage.model.eval())
+
+    named = main(["--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "named")])
+    assert sorted(p.name for p in named.iterdir()) == [
+        "adapter",
+        "morph.safetensors",
+        "morph_config.json",
+        "tokenizer",
+    ]
+    config = json.loads((named / "morph_config.json").read_text())["model"]
+    assert config["llm"]["name_or_path"] == str(tmp_path / "src" / "llm")
+    assert config["vqgan_checkpoint"] == str(tmp_path / "src" / "vqgan.ckpt")
+    _assert_same(expected, _outputs(load_exported(named)))
+    with pytest.raises(ValueError, match="llm_merged"):
+        load_exported(named, form="merged")
+    with pytest.raises(ValueError, match="not empty"):
+        main(["--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "named")])
+
+    copied = main(
+        ["--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "copied"), "--copy-towers"]
+    )
+    shutil.rmtree(tmp_path / "src")  # self-contained: the sources are no longer needed
+    _assert_same(expected, _outputs(load_exported(copied)))
+
+
+def _damage(path, action: str, key: str | None) -> None:
+    if action == "delete":
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return
+    weights = load_file(path)
+    if action == "drop":
+        del weights[key]
+    else:  # shrink
+        weights[key] = weights[key][:1].clone()
+    save_file(weights, path)
+
+
+LORA_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize(
+    ("entry", "action", "key", "message"),
+    [
+        ("morph_config.json", "delete", None, r"morph_config\.json: missing"),
+        ("morph.safetensors", "delete", None, r"morph\.safetensors: missing"),
+        ("tokenizer", "delete", None, r"tokenizer: missing"),
+        ("adapter/adapter_model.safetensors", "delete", None, r"adapter_model\.safetensors: missing"),
+        (
+            "morph.safetensors",
+            "drop",
+            "decoder.ln_f.weight",
+            r"morph\.safetensors: keys.*decoder\.ln_f\.weight",
+        ),
+        (
+            "morph.safetensors",
+            "shrink",
+            "llm.new_head.weight",
+            r"morph\.safetensors: llm\.new_head\.weight has shape",
+        ),
+        (
+            "vqgan.safetensors",
+            "drop",
+            "quantize.embedding.weight",
+            r"vqgan\.safetensors: keys.*quantize\.embedding",
+        ),
+        ("adapter/adapter_model.safetensors", "drop", LORA_KEY, r"adapter_model\.safetensors: keys.*lora_B"),
+    ],
+)
+def test_missing_or_mismatched_files_are_named(exported, tmp_path, entry, action, key, message):
+    broken = shutil.copytree(exported[1], tmp_path / "broken")
+    _damage(broken / entry, action, key)
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        load_exported(broken)
+
+
+def test_an_extended_tokenizer_is_adopted_only_with_its_own_layout():
+    tokenizer = byte_level_tokenizer()
+    vocab = extend_tokenizer(tokenizer, num_morph=6)
+    assert extend_tokenizer(tokenizer, num_morph=6, adopt=True) == vocab
+    with pytest.raises(ValueError, match="for 5 morph tokens"):
+        extend_tokenizer(tokenizer, num_morph=5, adopt=True)
