@@ -7,6 +7,7 @@ from morph_lightning.cli import main
 SUBCOMMANDS = {
     "demo": "morph_lightning.demo",
     "export": "morph_lightning.export",
+    "precompute-codes": "morph_lightning.precompute",
 }
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ sees the skips of `num_workers=0` loading; the log lines are complete either way
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import warnings
@@ -17,6 +18,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
@@ -35,6 +38,12 @@ from morph_lightning.data_modules.transforms import (
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CODES_EXT = "codes.npy"  # VQGAN codes beside the sample, from `python -m morph_lightning precompute-codes`
+
+
+def read_codes(data: bytes) -> torch.Tensor:
+    """A `{key}.codes.npy` member -> [n_codes] long codes."""
+    return torch.from_numpy(np.load(io.BytesIO(data)).astype(np.int64))
 
 
 class ShardErrorHandler:
@@ -76,7 +85,10 @@ class PairDecoder:
             return None
         vision, vqgan = self.transforms(img)
         caption = sample["txt"].decode("utf-8", errors="replace").strip()
-        return {"vision": [vision], "vqgan": [vqgan], "caption": caption, "sample": None, "key": key}
+        item = {"vision": [vision], "vqgan": [vqgan], "caption": caption, "sample": None, "key": key}
+        if CODES_EXT in sample:  # written by `precompute-codes`: the stage skips the VQGAN encoder
+            item["codes"] = [read_codes(sample[CODES_EXT])]
+        return item
 
 
 def _kept(item: dict[str, Any] | None) -> bool:

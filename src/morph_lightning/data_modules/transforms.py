@@ -131,6 +131,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch["captions" if captions else "samples"] = captions or samples
     if all("key" in item for item in items):
         batch["keys"] = [item["key"] for item in items]
+    if items and all("codes" in item for item in items):  # precomputed VQGAN codes, one row per image
+        batch["vqgan_codes"] = torch.stack([c for item in items for c in item["codes"]])
     if all("position" in item for item in items):  # where a stream stands; see data_modules/resume.py
         batch["positions"] = [item["position"] for item in items]
     return batch

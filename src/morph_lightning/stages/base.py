@@ -121,13 +121,23 @@ class MorphStage(L.LightningModule):
         # masked means without a host sync; an empty term is 0 (ce is 0 at ignored positions)
         return {k: (ce * m).sum() / m.sum().clamp(min=1) for k, m in masks.items()}
 
-    def decoder_term(self, seq: SequenceBatch, out, vqgan_pixels: torch.Tensor) -> torch.Tensor:
-        """Eq. 6 over every target image of the batch: CE of the decoder on X given M̂."""
+    def decoder_term(self, seq: SequenceBatch, out, batch: dict[str, Any]) -> torch.Tensor:
+        """Eq. 6 over every target image of the batch: CE of the decoder on X given M̂. X is read from
+        `vqgan_codes` when the data carries them (`precompute-codes`), else encoded from `vqgan_pixels`."""
         if not seq.targets:
             return torch.zeros((), device=self.device)
         mhat = self.model.post_mllm_tokens(out, seq.targets)
         index = torch.tensor([i for _, _, i in seq.targets], device=self.device)
-        codes = self.model.vqgan_codes(vqgan_pixels[index])
+        if "vqgan_codes" in batch:
+            codes = batch["vqgan_codes"][index]
+            expected = self.model.vqgan.codes_per_image
+            if codes.shape[1] != expected:
+                raise ValueError(
+                    f"vqgan_codes: {codes.shape[1]} codes per image, but this VQGAN makes {expected}: "
+                    "were the codes precomputed with another VQGAN or image size?"
+                )
+        else:
+            codes = self.model.vqgan_codes(batch["vqgan_pixels"][index])
         return self.model.decoder_loss(mhat, codes)
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -140,7 +150,7 @@ class MorphStage(L.LightningModule):
         seq = self.sequences(samples, enc)
         out = self.model.run_llm(seq, enc)
         tok = self.token_losses(out.logits, seq.labels)
-        decoder = self.decoder_term(seq, out, batch["vqgan_pixels"])
+        decoder = self.decoder_term(seq, out, batch)
         quant = self.quant_terms(enc)
         loss = (
             tok["text_ce"]
