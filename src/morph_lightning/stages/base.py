@@ -15,6 +15,7 @@ from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_s
 from morph_lightning.modeling.encoder import EncoderOutput
 from morph_lightning.modeling.model import GenerationOutput, MorphModel
 from morph_lightning.modeling.sequence import IGNORE, ImageRef, Sample, SequenceBatch, build_sequences
+from morph_lightning.parallel import shard_morph_model, split_sharded
 from morph_lightning.stages.schedule import warmup_cosine
 
 
@@ -59,10 +60,13 @@ class MorphStage(L.LightningModule):
         pack_length: int | None = None,
         save_frozen_weights: bool = False,
         generation: GenerationSection | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         """`generation`: the settings of `morph_lightning.generation.generate` used by `predict`.
         `pack_length`: pack several samples into each training row of up to that many tokens (see
-        `build_sequences`); None pads every sample to the batch's longest."""
+        `build_sequences`); None pads every sample to the batch's longest.
+        `activation_checkpointing`: recompute each LLM layer and decoder block in backward when sharded
+        (ModelParallelStrategy, see `morph_lightning.parallel`)."""
         super().__init__()
         # Sections may arrive as dicts (a checkpoint's hyper-parameters); stored as plain dicts so that
         # checkpoints load with weights_only.
@@ -95,10 +99,18 @@ class MorphStage(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:  # ModelParallelStrategy has loaded the weights itself
+            return
         have = {k[len("model.") :] for k in checkpoint["state_dict"]}
         missing = set(self.model.state_dict()) - have - self._frozen_keys()
         if missing:
             raise ValueError(f"checkpoint lacks trainable weights: {sorted(missing)[:5]}")
+
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ModelParallelStrategy (the only strategy that sets a device mesh)."""
+        if self.device_mesh is not None:
+            precision = self.trainer.precision
+            shard_morph_model(self.model, self.device_mesh, precision, self.hparams.activation_checkpointing)
 
     # ---- the pieces every stage uses -----------------------------------------------------------
     def sequences(self, samples: list[Sample], enc: EncoderOutput) -> SequenceBatch:
@@ -212,5 +224,5 @@ class MorphStage(L.LightningModule):
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas))
+        opt = torch.optim.AdamW(split_sharded(groups), lr=h.lr, betas=tuple(h.betas))
         return warmup_cosine(opt, self.trainer, h.warmup_steps, h.min_lr_ratio)
