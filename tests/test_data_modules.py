@@ -256,3 +256,21 @@ def test_collate_keeps_toy_behaviour():
     assert batch["samples"][1] == Sample([ImageRef(1)], [ImageRef(2, True)])
     with pytest.raises(ValueError, match="mixes"):
         collate([items[0], {"vision": [pix], "vqgan": [pix], "caption": "c", "sample": None}])
+
+
+def test_instruction_training_resumes_mid_epoch(jsonl):
+    def prompts(dm, stop_after=None):
+        out = []
+        for batch in dm.train_dataloader():
+            out.append([str(s.prompt[-1]) for s in dm.on_before_batch_transfer(batch, 0)["samples"]])
+            if len(out) == stop_after:
+                break
+        return out
+
+    full = prompts(_instruct_dm(jsonl, batch_size=2))
+    assert len(full) == 3
+    first = _instruct_dm(jsonl, batch_size=2)
+    assert prompts(first, stop_after=1) == full[:1]
+    second = _instruct_dm(jsonl, batch_size=2)
+    second.load_state_dict(first.state_dict())
+    assert prompts(second) == full[1:]

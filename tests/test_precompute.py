@@ -62,9 +62,8 @@ def setup(tmp_path, tiny_cfg):
     return tmp_path, vqgan, model
 
 
-def test_codes_match_the_vqgan_and_reruns_skip_done_shards(setup):
-    root, vqgan, _ = setup
-    args = [
+def _args(root: Path) -> list[str]:
+    return [
         "--config",
         str(root / "stage2.yaml"),
         "--shards",
@@ -72,6 +71,18 @@ def test_codes_match_the_vqgan_and_reruns_skip_done_shards(setup):
         "--out",
         str(root / "out"),
     ]
+
+
+def _coded_batch(root: Path) -> dict:
+    """The precomputed shard, read in order by the pair data module."""
+    shard = str(root / "out" / "00000.tar")
+    dm = ImageTextPairsDataModule(shard, shard, batch_size=8, num_workers=0, vision_size=32, vqgan_size=16)
+    return next(iter(dm.val_dataloader()))
+
+
+def test_codes_match_the_vqgan_and_reruns_skip_done_shards(setup):
+    root, vqgan, _ = setup
+    args = _args(root)
     counts = precompute([*args, "--batch-size", "2"])
     assert counts["encoded"] == len(COLOURS) and counts["corrupt"] == 1 and counts["shards"] == 1
     assert precompute(args)["shards_done_before"] == 1
@@ -82,9 +93,7 @@ def test_codes_match_the_vqgan_and_reruns_skip_done_shards(setup):
     assert "bad.codes.npy" not in names
 
     transforms = ImageTransforms(vqgan_size=16)
-    dm = ImageTextPairsDataModule(str(root / "out" / "00000.tar"), str(root / "out" / "00000.tar"),
-                                  batch_size=8, num_workers=0, vision_size=32, vqgan_size=16)  # fmt: skip
-    batch = next(iter(dm.val_dataloader()))
+    batch = _coded_batch(root)
     assert batch["keys"] == [f"k{i}" for i in range(len(COLOURS))]
     with torch.no_grad():
         expected = vqgan.encode_to_codes(
@@ -96,19 +105,8 @@ def test_codes_match_the_vqgan_and_reruns_skip_done_shards(setup):
 
 def test_stage2_decoder_loss_is_the_same_with_precomputed_codes(setup):
     root, _, model = setup
-    precompute(
-        [
-            "--config",
-            str(root / "stage2.yaml"),
-            "--shards",
-            str(root / "00000.tar"),
-            "--out",
-            str(root / "out"),
-        ]
-    )
-    dm = ImageTextPairsDataModule(str(root / "out" / "00000.tar"), str(root / "out" / "00000.tar"),
-                                  batch_size=8, num_workers=0, vision_size=32, vqgan_size=16)  # fmt: skip
-    batch = next(iter(dm.val_dataloader()))
+    precompute(_args(root))
+    batch = _coded_batch(root)
     stage = Stage2AutoEncode(model=model).eval()
     with torch.no_grad():
         with_codes = stage.losses(batch)["decoder_ce"]

@@ -143,11 +143,8 @@ class HFImageTextPairsDataModule(ResumableDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train is None:
             self.setup("fit")
-        resume = self.resume_point()
-        skip = resume.batches * self.hparams.batch_size if resume is not None else 0
-        sampler = EpochSampler(self.train, self.hparams.seed, skip=skip)
-        sampler.set_epoch(self.start_epoch())
-        return self._loader(self.train, sampler)
+        h = self.hparams
+        return self._loader(self.train, self.epoch_sampler(self.train, h.seed, h.batch_size))
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val is None else self._loader(self.val, None)

@@ -23,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from morph_lightning.data_modules.resume import ResumableDataModule
 from morph_lightning.data_modules.transforms import (
     CLIP_MEAN,
     CLIP_STD,
@@ -173,9 +172,10 @@ class InstructionDataset(Dataset):
         raise RuntimeError("no record has readable images")
 
 
-class InstructionDataModule(L.LightningDataModule):
+class InstructionDataModule(ResumableDataModule):
     """Instruction batches: `vision_pixels` [N, 3, S, S], `vqgan_pixels` [N, 3, R, R] (N = every image of
-    the batch's records), `samples` whose `ImageRef`s index those rows."""
+    the batch's records), `samples` whose `ImageRef`s index those rows. Training order is seeded by
+    (`seed`, epoch) and resumes mid-epoch exactly (`resume.py`)."""
 
     def __init__(
         self,
@@ -215,8 +215,8 @@ class InstructionDataModule(L.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=h.batch_size,
-            shuffle=train,
-            generator=torch.Generator().manual_seed(h.seed) if train else None,
+            sampler=self.epoch_sampler(ds, h.seed, h.batch_size) if train else None,
+            drop_last=train,
             num_workers=h.num_workers,
             collate_fn=collate,
             persistent_workers=h.num_workers > 0,

@@ -110,6 +110,13 @@ class ResumableDataModule(L.LightningDataModule):
             saved["epoch"], saved["batches"], {int(k): v for k, v in saved["workers"].items()}
         )
 
+    def epoch_sampler(self, dataset: Dataset, seed: int, batch_size: int) -> EpochSampler:
+        """The train sampler of a map-style dataset, starting where a restored checkpoint left off."""
+        resume = self.resume_point()
+        sampler = EpochSampler(dataset, seed, skip=resume.batches * batch_size if resume is not None else 0)
+        sampler.set_epoch(self.start_epoch())
+        return sampler
+
     def start_epoch(self) -> int:
         trainer = self.trainer
         if trainer is not None:
