@@ -14,6 +14,7 @@ from morph_lightning.data_modules.world.render import render
 from morph_lightning.data_modules.world.scene import sample_scene
 from morph_lightning.data_modules.world.writer import write_world
 from morph_lightning.evaluation import world_eval
+from morph_lightning.evaluation.answer_likelihood import answer_nll
 from morph_lightning.evaluation.perceptual import weights_path
 from morph_lightning.evaluation.report import image_grid, write_report
 from morph_lightning.evaluation.world_eval import (
@@ -25,6 +26,7 @@ from morph_lightning.evaluation.world_eval import (
 )
 from morph_lightning.evaluation.world_metrics import caption_scores
 from morph_lightning.modeling.model import MorphModel
+from morph_lightning.modeling.sequence import ImageRef, Sample
 
 TASKS = {"caption", "vqa", "multi_image", "t2i", "edit", "in_context", "chain", "drift"}
 IMAGE_TASKS = ("t2i", "edit", "in_context", "chain")
@@ -88,7 +90,9 @@ def _check_ranges(results) -> None:
     for task, metrics in results.metrics.items():
         systems = {k.split("/")[0] for k in metrics}
         assert {"model", "baseline"} <= systems, task
-        assert all(0.0 <= v <= 1.0 for v in metrics.values()), (task, metrics)
+        nll = {k: v for k, v in metrics.items() if k.endswith("/answer_nll")}
+        assert all(0.0 < v < float("inf") for v in nll.values()), (task, nll)
+        assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k not in nll), (task, metrics)
         assert results.counts[task] >= 1
 
 
@@ -123,6 +127,42 @@ def test_random_model_never_crashes_and_baselines_behave(world, tiny_cfg, with_l
     np.testing.assert_array_equal(to_uint8(encoded[0][0]), results.examples["t2i"][0].target)
     for task in ("edit", "in_context", "chain"):
         assert results.metrics[task]["ceiling/l1"] > 0.0
+
+
+def test_answer_nll_tells_a_model_that_ignores_its_images(world, tiny_cfg, without_lpips, monkeypatch):
+    model = MorphModel(tiny_cfg).eval()
+    real_encode = model.encode_images
+
+    def loud(pixels):  # a random encoder maps the world's near-blank images to the same codes: make the
+        out = real_encode(pixels)  # morph vectors carry the pixels, so the answers depend on the image
+        grid = torch.nn.functional.adaptive_avg_pool2d(pixels, 4).flatten(1)  # [N, 3 * 16]
+        out.z_q = out.z_q + 10 * grid[:, : out.z_q.shape[-1]].unsqueeze(1)
+        return out
+
+    monkeypatch.setattr(model, "encode_images", loud)
+    reads = evaluate_world(model, world, max_per_task=4, batch_size=3, max_new_tokens=2).metrics
+    for task in ("caption", "vqa", "multi_image"):
+        # a random tiny LLM barely reacts to anything, but it does react to the image
+        assert abs(reads[task]["model/answer_nll"] - reads[task]["baseline/answer_nll"]) > 1e-6, task
+    with torch.no_grad():  # every morph token now enters the LLM as the same vector, whatever the image
+        model.llm.morph_in.weight.zero_()
+        model.llm.morph_in.bias.zero_()
+    blind = evaluate_world(model, world, max_per_task=4, batch_size=3, max_new_tokens=2).metrics
+    for task in ("caption", "vqa", "multi_image"):
+        assert blind[task]["model/answer_nll"] == blind[task]["baseline/answer_nll"], task
+
+
+def test_answer_nll_scores_only_answer_tokens(tiny_cfg):
+    model = MorphModel(tiny_cfg).eval()
+    image = torch.randn(3, model.vision.image_size, model.vision.image_size)
+    prompt = [ImageRef(0), "What colour is it?"]
+    short = answer_nll(model, [(Sample(prompt, ["red"]), [image])])
+    assert short > 0.0
+    # the prompt's length changes the context, not which tokens are scored
+    longer = answer_nll(model, [(Sample(prompt, ["red"]), [image]), (Sample(prompt, ["red"]), [image])])
+    assert longer == pytest.approx(short, rel=1e-5)
+    with pytest.raises(ValueError, match="no answer tokens"):
+        answer_nll(model, [])
 
 
 def test_a_model_that_never_draws_scores_misses(world, tiny_cfg, with_lpips):

@@ -21,7 +21,9 @@ from morph_lightning.evaluation.world_eval import Example, WorldResults
 SYSTEMS = ("model", "baseline", "random", "ceiling")  # table columns, in this order when present
 SYSTEM_NOTES = {
     "baseline": "the trivial baseline (another record's caption, the majority answer, another record's "
-    "image for t2i, copying the input image for edits and drift)",
+    "image for t2i, copying the input image for edits and drift); for answer_nll (the reference answer's "
+    "NLL per token, lower is better), the same model given another record's images: equal to the model's "
+    "when it ignores its images",
     "random": "another record's target image",
     "ceiling": "the target encoded to VQGAN codes and decoded back, scored like a prediction: the best the "
     "frozen VQGAN can draw it",

@@ -5,6 +5,9 @@ scores them against the scenes the writer recorded:
 
 * caption: caption_scores of the text vs the scene; baseline: another record's caption.
 * vqa / multi_image: exact match; baseline: the majority training answer of the same task.
+* every text task also gets `answer_nll`, the reference answer's NLL per token with the record's own
+  images (model) and with another record's (baseline): the two agree when the model ignores its images,
+  however well its answers score on the language prior (`answer_likelihood`).
 * t2i: scene_accuracy of the parsed image vs the intended scene; baseline: another record's target image.
 * edit / in_context / chain (each turn from the ground-truth input): pixel L1 and LPIPS to the target
   and edit_scores of the parsed image; baseline: copy the input; random: another record's target image.
@@ -46,6 +49,7 @@ from morph_lightning.data_modules.transforms import BadImage, ImageTransforms, l
 from morph_lightning.data_modules.world.parser import parse, scene_accuracy
 from morph_lightning.data_modules.world.scene import BACKGROUND, Scene
 from morph_lightning.data_modules.world.writer import scene_from_json
+from morph_lightning.evaluation.answer_likelihood import answer_nll
 from morph_lightning.evaluation.perceptual import LPIPSDistance, load_lpips
 from morph_lightning.evaluation.world_metrics import (
     caption_scores,
@@ -93,6 +97,7 @@ class _Item:
     prompt: list[Piece]
     inputs: list[str]  # input image paths, indexed by the prompt's ImageRefs
     target: str | None  # output image path
+    answer: list[Piece]  # the reference answer as training renders it (a text answer: [" red"])
 
 
 # ---------------------------------------------------------------- images
@@ -270,7 +275,8 @@ def _read(path: Path) -> list[_Item]:
                 rec = parse_record(meta, str(path.parent), f"{path}:{n}")
                 has_target = meta["output_img"] is not None
                 inputs = rec.images[:-1] if has_target else rec.images
-                items.append(_Item(meta, rec.sample.prompt, inputs, rec.images[-1] if has_target else None))
+                target = rec.images[-1] if has_target else None
+                items.append(_Item(meta, rec.sample.prompt, inputs, target, rec.sample.answer))
     return items
 
 
@@ -317,11 +323,31 @@ def _text_task(
             "model/exact_match": vqa_exact_match(texts, answers),
             "baseline/exact_match": majority_answer_baseline(train_answers or answers, answers),
         }
+    metrics |= _image_reliance(items, model, images, s)
     examples = [
         Example(_prompt_text(it.prompt), t, a, images(it.inputs[-1]).image if it.inputs else None, None, None)
         for it, t, a in zip(items, texts, answers, strict=True)
     ]
     return metrics, examples
+
+
+def _image_reliance(items: list[_Item], model: MorphModel, images: _Images, s: _Settings) -> dict[str, float]:
+    """answer_nll with each record's own images and with the next record's (same number of images)."""
+    own, other = [], []
+    for i, it in enumerate(items):
+        others = items[i + 1 :] + items[:i]
+        swap = next((o for o in others if len(o.inputs) == len(it.inputs) and o.inputs != it.inputs), None)
+        if not it.inputs or swap is None:
+            continue
+        sample = Sample(it.prompt, it.answer)
+        own.append((sample, [images(p).vision for p in it.inputs]))
+        other.append((sample, [images(p).vision for p in swap.inputs]))
+    if not own:
+        return {}
+    return {
+        "model/answer_nll": answer_nll(model, own, s.batch_size),
+        "baseline/answer_nll": answer_nll(model, other, s.batch_size),
+    }
 
 
 def _image_task(
