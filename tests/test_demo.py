@@ -24,6 +24,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     seconds = report["extra"]["seconds"]  # a skipped step reports the time it took when it ran
     assert seconds["stage1"] == round(json.loads((STEPS[3].run_dir / "DONE").read_text())["seconds"], 1) > 0
     assert seconds["this_run"] < sum(seconds[s.name] for s in STEPS)
+    (STEPS[0].run_dir / "DONE").write_text("")  # a marker made by hand: the step is skipped, its time unknown
+    demo(["--max-steps", "3", "--eval-per-task", "2"])
+    assert json.loads(Path("demo_out/report.json").read_text())["extra"]["seconds"][STEPS[0].name] is None
     assert {"caption", "vqa", "t2i", "edit", "drift"} <= set(report["metrics"])
     assert "model/l1" in report["metrics"]["edit"] and "baseline/l1" in report["metrics"]["edit"]
     assert Path("demo_out/report.md").read_text().count("|") > 20

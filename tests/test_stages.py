@@ -133,3 +133,22 @@ def test_init_from_a_mismatched_model_names_the_keys(tiny_cfg, tmp_path):
     torch.save(bad, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="new_head"):
         Stage2AutoEncode(model=tiny_cfg, init_from=str(tmp_path / "bad.ckpt"))
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_encoder_lr_scale(tiny_cfg, tmp_path, scale):
+    quant = {**tiny_cfg["quantizer"], "dead_code_threshold": 0.0}  # no revival: the codebook moves only by lr
+    stage = Stage1AR(model={**tiny_cfg, "quantizer": quant}, warmup_steps=1, encoder_lr_scale=scale)
+    before = {n: p.detach().clone() for n, p in stage.model.named_parameters()}
+    _trainer(tmp_path, 3).fit(stage, ToyDataModule(num_train=12, batch_size=4))
+    moved = {n for n, p in stage.model.named_parameters() if not torch.equal(p, before[n])}
+    encoder = {n for n in before if n.startswith("encoder.")}
+    assert any("lora_" in n for n in moved)
+    if scale == 0.0:  # out of the optimiser: the encoder is exactly where it started, and it is saved
+        assert not moved & encoder
+        saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+        assert {f"model.{n}" for n in encoder} <= set(saved)
+    else:
+        assert moved & encoder
+        lrs = {g["initial_lr"] for g in stage.optimizers().optimizer.param_groups}
+        assert sorted(lrs) == [stage.hparams.lr * scale, stage.hparams.lr]

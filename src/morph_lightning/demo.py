@@ -43,13 +43,17 @@ STEPS = (
 )
 
 
-def run_step(step: Step, max_steps: int | None) -> float:
+def run_step(step: Step, max_steps: int | None) -> float | None:
     """Fit one step unless its marker exists; resume from its last checkpoint if one is there. Returns
-    the seconds the step took, read back from its marker when it finished in an earlier run."""
+    the seconds the step took, read back from its marker when it finished in an earlier run (None when
+    that marker holds no time, e.g. one made by hand to skip the step)."""
     done = step.run_dir / "DONE"
     if done.exists():
         print(f"[demo] {step.name}: done before, skipped")
-        return float(json.loads(done.read_text())["seconds"])
+        try:
+            return float(json.loads(done.read_text())["seconds"])
+        except (ValueError, KeyError, TypeError):
+            return None
     args = ["fit", "--config", step.config]
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max_steps)]
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     model = Stage3Instruct.load_from_checkpoint(STEPS[-1].run_dir / "last.ckpt", weights_only=True).model
     results = evaluate_world(model, WORLD_DIR, max_per_task=args.eval_per_task)
     timings["this_run_with_eval"] = time.perf_counter() - start
-    extra = {"seconds": {k: round(v, 1) for k, v in timings.items()}, "final_train_losses": final_losses()}
+    seconds = {k: None if v is None else round(v, 1) for k, v in timings.items()}
+    extra = {"seconds": seconds, "final_train_losses": final_losses()}
     report = write_report(results, args.out, extra=extra)
     print(f"[demo] {timings['this_run_with_eval']:.0f} s this run; report: {report}")
 

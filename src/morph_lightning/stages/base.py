@@ -61,12 +61,15 @@ class MorphStage(L.LightningModule):
         save_frozen_weights: bool = False,
         generation: GenerationSection | None = None,
         activation_checkpointing: bool = False,
+        encoder_lr_scale: float = 1.0,
     ) -> None:
         """`generation`: the settings of `morph_lightning.generation.generate` used by `predict`.
         `pack_length`: pack several samples into each training row of up to that many tokens (see
         `build_sequences`); None pads every sample to the batch's longest.
         `activation_checkpointing`: recompute each LLM layer and decoder block in backward when sharded
-        (ModelParallelStrategy, see `morph_lightning.parallel`)."""
+        (ModelParallelStrategy, see `morph_lightning.parallel`).
+        `encoder_lr_scale`: the morph-token encoder's learning rate relative to `lr`; 0 keeps it where it
+        started (set the quantizer's `dead_code_threshold` to 0 too, or revival still rewrites codes)."""
         super().__init__()
         # Sections may arrive as dicts (a checkpoint's hyper-parameters); stored as plain dicts so that
         # checkpoints load with weights_only.
@@ -219,10 +222,19 @@ class MorphStage(L.LightningModule):
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
+        encoder = {id(p) for p in self.model.encoder.parameters()}
+        groups = []
+        for in_encoder, scale in ((False, 1.0), (True, h.encoder_lr_scale)):
+            params = [p for p in self.parameters() if p.requires_grad and (id(p) in encoder) == in_encoder]
+            if scale == 0.0:
+                continue  # out of the optimiser altogether: no update, no optimiser state
+            groups += [
+                {
+                    "params": [p for p in params if p.ndim >= 2],
+                    "weight_decay": h.weight_decay,
+                    "lr": h.lr * scale,
+                },
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": h.lr * scale},
+            ]
         opt = torch.optim.AdamW(split_sharded(groups), lr=h.lr, betas=tuple(h.betas))
         return warmup_cosine(opt, self.trainer, h.warmup_steps, h.min_lr_ratio)
