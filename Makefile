@@ -21,8 +21,8 @@ test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src data_modules callbacks tests benchmarks
+	$(BIN)/ruff format --check src data_modules callbacks tests benchmarks
 
 # The whole method on the embedded world: world, stage 0, stages 1-3, evaluation, demo_out/report.md.
 # Running it again resumes where it stopped.

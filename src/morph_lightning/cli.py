@@ -1,7 +1,8 @@
 """`python -m morph_lightning fit|validate|test|predict --config FILE` through LightningCLI.
 
 A bare config name (`--config stage2.yaml`, `--config tiny/stage1.yaml`) that is not a file here is
-looked up in the project's `configs/` folder. OmegaConf interpolation is on (`${...}`).
+looked up in `./configs/`, then in the source checkout's `configs/` (an editable install's; a regular
+install carries no configs). OmegaConf interpolation is on (`${...}`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def resolve_config(value: str) -> str:
-    """A path that exists as given wins; otherwise try `configs/<value>`."""
-    if Path(value).exists() or not (CONFIG_DIR / value).exists():
+    """A path that exists as given wins; otherwise the first `configs/<value>` that exists."""
+    if Path(value).exists():
         return value
-    return str(CONFIG_DIR / value)
+    for root in (Path.cwd() / "configs", CONFIG_DIR):
+        if (root / value).exists():
+            return str(root / value)
+    return value
 
 
 def _resolve_args(args: list[str]) -> list[str]:
