@@ -71,8 +71,11 @@ def check_shared_paper_values(cfg: dict) -> None:
     assert m["vision"]["pretrained"] is True
     assert m["vision"]["image_size"] == 224
     paper_qformer = {"num_queries": 32, "dim": 768, "depth": 12, "num_heads": 12, "deconfound": True}
+    # BLIP-2's Q-former layout, so BLIP-2 / SEED weights fit; causal queries and slot attention (App. B)
+    paper_qformer |= {"intermediate_size": 3072, "cross_attention_frequency": 2, "causal": True}
     assert paper_qformer.items() <= m["qformer"].items()
-    assert m["quantizer"]["codebook_size"] == 8192
+    assert m["qformer"]["slot_attention"] == "replace"
+    assert (m["quantizer"]["codebook_size"], m["quantizer"]["dim"]) == (8192, 32)  # SEED's codebook
     assert {"n_layer": 48, "n_head": 24, "n_embd": 1536}.items() <= m["decoder"].items()
     assert "prefix_dim" not in m["decoder"]  # derived from the LLM, not a config key
     assert m["vqgan"]["n_embed"] == 16384
@@ -144,6 +147,10 @@ def test_stage1_print_config_through_python_m(tmp_path):
     cfg = yaml.safe_load(proc.stdout)
     check_shared_paper_values(cfg)
     assert cfg["model"]["class_path"] == "morph_lightning.stages.Stage1AR"
+    # stage 1 names the encoder's initial weights (SEED's tokenizer); later stages start from stage 1
+    assert (
+        cfg["model"]["init_args"]["model"]["encoder_init"] == "checkpoints/seed_tokenizer/seed_quantizer.pt"
+    )
     assert cfg["model"]["init_args"]["lr"] == 0.0001
     assert cfg["trainer"]["max_steps"] == 200000
     assert cfg["model"]["init_args"]["init_from"] is None

@@ -38,13 +38,13 @@ def test_gradient_reaches_qformer() -> None:
     (out.z_q**2).sum().backward()
     first = encoder.qformer.layers[0]
     for p in (
-        encoder.qformer.group_tokens,
-        encoder.qformer.in_proj.weight,
-        first.self_attn.qkv.weight,
-        first.slot_attn.kv.weight,
-        first.deconfounder.q.weight,
-        first.mlp[0].weight,
-        encoder.mlp[0].weight,
+        encoder.qformer.query_tokens,
+        encoder.qformer.ln_vision.weight,
+        first.attention.attention.query.weight,
+        first.crossattention.attention.key.weight,
+        first.crossattention.deconfounder.q.weight,
+        first.intermediate_query.dense.weight,
+        encoder.encode_task_layer[0].weight,
     ):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
@@ -53,4 +53,4 @@ def test_quant_loss_trains_codebook() -> None:
     encoder = make_encoder()
     encoder(torch.randn(2, 10, 16)).quant_loss.backward()
     assert encoder.quantizer.embedding.weight.grad.abs().sum() > 0
-    assert encoder.qformer.group_tokens.grad.abs().sum() > 0
+    assert encoder.qformer.query_tokens.grad.abs().sum() > 0

@@ -46,8 +46,8 @@ def test_stage1_loss_trains_the_encoder(tiny_cfg):
     stage = Stage1AR(model=tiny_cfg, quant_weight=0.0)  # only Eq. 4's cross-entropy
     stage.losses(_batch(False))["loss"].backward()
     qf = stage.model.encoder.qformer
-    assert qf.group_tokens.grad is not None and qf.group_tokens.grad.abs().sum() > 0
-    assert _grad_norm(stage.model.encoder.mlp) > 0
+    assert qf.query_tokens.grad is not None and qf.query_tokens.grad.abs().sum() > 0
+    assert _grad_norm(stage.model.encoder.encode_task_layer) > 0
 
 
 @pytest.mark.parametrize("post_mllm", ["hidden", "codes"])
@@ -58,7 +58,7 @@ def test_stage2_decoder_loss_reaches_lora_and_encoder_through_mhat(tiny_cfg, pos
     losses["decoder_ce"].backward()  # Eq. 6 alone
     lora = [p for n, p in stage.model.llm.named_parameters() if "lora_B" in n]
     assert sum(float(p.grad.abs().sum()) for p in lora) > 0
-    assert stage.model.encoder.qformer.group_tokens.grad.abs().sum() > 0
+    assert stage.model.encoder.qformer.query_tokens.grad.abs().sum() > 0
     assert _grad_norm(stage.model.decoder) > 0
 
 

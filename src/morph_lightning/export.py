@@ -61,6 +61,7 @@ def export_model(
         raise ValueError(f"export: {out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(model.config)  # plain containers: json-able
+    config["encoder_init"] = None  # the trained encoder is in morph.safetensors
     files: dict[str, str | None] = {"morph": "morph.safetensors", "tokenizer": "tokenizer"}
 
     save_file(_for_saving(_parts_state(model, TRAINED_PARTS)), out / files["morph"])
@@ -92,6 +93,8 @@ def model_from_checkpoint(path: str | os.PathLike) -> MorphModel:
     config = ckpt.get("hyper_parameters", {}).get("model") if isinstance(ckpt, dict) else None
     if config is None:
         raise ValueError(f"export: {path} has no hyper_parameters['model'] (not a stage checkpoint)")
+    # The checkpoint holds the trained encoder: its initial weights need not be read (nor exist here).
+    config = {**config, "encoder_init": None}
     return MorphStage(model=config, init_from=str(path)).model  # init_from checks the weights' keys
 
 

@@ -60,6 +60,9 @@ class MorphModelConfig:
     decoder: DecoderSection = dataclasses.field(default_factory=DecoderSection)
     vqgan: VQGANSection = dataclasses.field(default_factory=VQGANSection)
     vqgan_checkpoint: str | None = None  # a taming `last.ckpt`; None builds a random VQGAN
+    # The encoder's initial weights: a BLIP-2 directory or a SEED / LAVIS file (encoder_weights.py);
+    # None starts it from random.
+    encoder_init: str | None = None
     post_mllm: Literal["hidden", "codes"] = "hidden"
     gumbel_tau: float = 1.0
 

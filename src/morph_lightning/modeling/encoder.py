@@ -1,4 +1,7 @@
-"""Morph-token encoder, Eq. (1): M = Quantizer(MLP(Qformer(V))) (paper Section 3.1, Appendix B)."""
+"""Morph-token encoder, Eq. (1): M = Quantizer(MLP(Qformer(V))) (paper Section 3.1, Appendix B).
+
+The MLP is SEED's `encode_task_layer` (Linear, Tanh, Linear down to the code width), under SEED's name so
+its tokenizer's weights load by key; the released Morph-Tokens code uses the same module."""
 
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ class MorphEncoder(nn.Module):
     def __init__(self, qformer: DeconfoundedQFormer, quantizer: MorphQuantizer) -> None:
         super().__init__()
         self.qformer = qformer
-        self.mlp = nn.Sequential(
-            nn.Linear(qformer.dim, qformer.dim), nn.GELU(), nn.Linear(qformer.dim, quantizer.dim)
+        self.encode_task_layer = nn.Sequential(
+            nn.Linear(qformer.dim, qformer.dim), nn.Tanh(), nn.Linear(qformer.dim, quantizer.dim)
         )
         self.quantizer = quantizer
 
@@ -37,5 +40,5 @@ class MorphEncoder(nn.Module):
         return self.quantizer.dim
 
     def forward(self, patch_tokens: Tensor) -> EncoderOutput:
-        q = self.quantizer(self.mlp(self.qformer(patch_tokens)))
+        q = self.quantizer(self.encode_task_layer(self.qformer(patch_tokens)))
         return EncoderOutput(ids=q.ids, z_q=q.z_q, quant_loss=q.loss, perplexity=q.perplexity, usage=q.usage)

@@ -16,6 +16,7 @@ from torch import nn
 from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_section
 from morph_lightning.modeling.decoder import MorphDecoder
 from morph_lightning.modeling.encoder import EncoderOutput, MorphEncoder
+from morph_lightning.modeling.encoder_weights import load_encoder_weights
 from morph_lightning.modeling.llm import LLMOutput, MorphLLM
 from morph_lightning.modeling.qformer import DeconfoundedQFormer
 from morph_lightning.modeling.quantizer import MorphQuantizer
@@ -58,6 +59,8 @@ class MorphModel(nn.Module):
         if qf.deconfound:  # the confounder dictionary starts as the VQGAN's codebook (Appendix B)
             qf.init_dictionary(vq_codebook.detach().float())
         self.encoder = MorphEncoder(qf, quant)
+        if c.encoder_init:
+            load_encoder_weights(self.encoder, c.encoder_init)
         self.llm = MorphLLM(
             **kwargs_of(c.llm), num_morph_tokens=quant.codebook.shape[0], code_dim=self.encoder.code_dim
         )
