@@ -42,8 +42,9 @@ class HFPairs(Dataset):
         skipped: Counter[str],
         min_size: int,
         max_pixels: int,
+        cache_dir: str | None = None,
     ) -> None:
-        rows = load_rows(path, split, columns=(image_column, caption_column))
+        rows = load_rows(path, split, cache_dir, columns=(image_column, caption_column))
         self.images = rows.select_columns([image_column])
         self.captions = [r[caption_column] for r in plain_rows(rows, [caption_column])]
         self.path, self.image_column = path, image_column
@@ -80,7 +81,9 @@ class HFImageTextPairsDataModule(ResumableDataModule):
 
     `train_path` / `val_path`: a `save_to_disk` folder (`split` picks a split of a DatasetDict) or
     parquet files (a folder, a file or a glob). Images are decoded by the project's `load_image`, so
-    corrupt, truncated, tiny or huge ones are skipped like in the webdataset module.
+    corrupt, truncated, tiny or huge ones are skipped like in the webdataset module. Parquet is
+    converted once into arrow files under `cache_dir` (default: the `datasets` cache, in the home
+    folder unless HF_DATASETS_CACHE says otherwise).
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class HFImageTextPairsDataModule(ResumableDataModule):
         seed: int = 0,
         min_size: int = MIN_SIZE,
         max_pixels: int = MAX_PIXELS,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -119,6 +123,7 @@ class HFImageTextPairsDataModule(ResumableDataModule):
             self.skipped,
             h.min_size,
             h.max_pixels,
+            h.cache_dir,
         )
 
     def setup(self, stage: str | None = None) -> None:

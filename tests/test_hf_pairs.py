@@ -1,6 +1,7 @@
 """Image-text pairs from Hugging Face datasets (save_to_disk folders and parquet)."""
 
 import io
+from pathlib import Path
 
 import datasets
 import pytest
@@ -28,8 +29,20 @@ def rows() -> datasets.Dataset:
     return datasets.Dataset.from_dict(data, features=features)
 
 
+@pytest.fixture(autouse=True)
+def _user_cache_stays_empty(tmp_path, monkeypatch):
+    """Fails a test whose data module writes into the `datasets` cache (the user's home folder): the
+    cache is pointed into tmp_path for the test and must still not exist afterwards."""
+    user_cache = tmp_path / "user_datasets_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(user_cache))
+    yield
+    assert not user_cache.exists(), "written into the user's datasets cache"
+
+
 def _dm(path, **kw) -> HFImageTextPairsDataModule:
-    kw = {"batch_size": 4, "num_workers": 0, "vision_size": 32, "vqgan_size": 16, **kw}
+    # parquet's arrow copy goes beside the data, in the test's tmp_path, not in the user's datasets cache
+    cache = str(Path(path).parent / "datasets_cache")
+    kw = {"batch_size": 4, "num_workers": 0, "vision_size": 32, "vqgan_size": 16, "cache_dir": cache, **kw}
     dm = HFImageTextPairsDataModule(str(path), **kw)
     dm.setup("fit")
     return dm
