@@ -68,7 +68,9 @@ class EpochSampler(DistributedSampler):
         return iter(indices)
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip
+        # the whole epoch, also while skipping: Lightning counts the batches used before the resume
+        # (its restored progress) towards this length, and keeps it for the later epochs
+        return self.num_samples
 
 
 class ResumableDataModule(L.LightningDataModule):

@@ -2,14 +2,18 @@
 later losses as one that never stopped."""
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
+import datasets
 import lightning as L
 import pytest
 import torch
 from PIL import Image
 
+from morph_lightning.data_modules.hf_pairs import HFImageTextPairsDataModule
+from morph_lightning.data_modules.instruct import InstructionDataModule
 from morph_lightning.data_modules.pairs import ImageTextPairsDataModule
 from morph_lightning.stages import Stage1AR
 
@@ -141,3 +145,81 @@ def test_killed_run_resumed_matches_an_uninterrupted_one(shard_pattern, tiny_cfg
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
     # the checkpoint is plain data: it loads without unpickling code
     torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)
+
+
+MAP_ITEMS, MAP_BATCH = 12, 2  # 6 batches an epoch
+
+
+@pytest.fixture(params=["hf_pairs", "instruct"])
+def map_style(request, tmp_path):
+    """A factory of one of the map-style modules (their train sampler is `EpochSampler`), on 12 items."""
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(png, format="PNG")
+    sizes = {"batch_size": MAP_BATCH, "num_workers": 0, "vision_size": 16, "vqgan_size": 16}
+    if request.param == "hf_pairs":
+        image = {"bytes": png.getvalue(), "path": None}
+        features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+        data = {"image": [image] * MAP_ITEMS, "caption": [f"picture {i}" for i in range(MAP_ITEMS)]}
+        datasets.Dataset.from_dict(data, features=features).to_parquet(str(tmp_path / "pairs.parquet"))
+        return lambda: HFImageTextPairsDataModule(
+            str(tmp_path / "pairs.parquet"), cache_dir=str(tmp_path / "cache"), **sizes
+        )
+    (tmp_path / "a.png").write_bytes(png.getvalue())
+    records = [
+        {"input_img": ["a.png"], "input_text": f"USER: <image> {i}? ASSISTANT:", "output_text": "x"}
+        for i in range(MAP_ITEMS)
+    ]
+    lines = [json.dumps({**r, "output_img": None}) for r in records]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines))
+    return lambda: InstructionDataModule(str(tmp_path / "data.jsonl"), **sizes)
+
+
+class _Seen(L.LightningModule):
+    """Records, by epoch, the items each training step reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: dict[int, list[list[str]]] = {}
+
+    def training_step(self, batch, batch_idx):
+        items = batch.get("captions") or [str(s.prompt) for s in batch["samples"]]
+        self.seen.setdefault(self.current_epoch, []).append(items)
+        return self.weight**2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _seen(make_dm, root: Path, kill_at=None, ckpt_path=None) -> dict[int, list[list[str]]]:
+    module = _Seen()
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_last=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ckpt] + ([_Kill(kill_at)] if kill_at else []),
+        default_root_dir=root,
+    )
+    try:
+        trainer.fit(module, datamodule=make_dm(), ckpt_path=ckpt_path, weights_only=True)
+    except Killed:
+        pass
+    return module.seen
+
+
+def test_map_style_resume_finishes_its_epoch_and_later_epochs_start_at_their_first_item(map_style, tmp_path):
+    """Killed 2 batches into epoch 1 and resumed, training reads what an uninterrupted run reads: the rest
+    of epoch 1, then all of epoch 2 from its first item. Catches a sampler that keeps skipping after the
+    resumed epoch, and one whose length leaves out the skipped items (Lightning counts the batches used
+    before the kill towards the length it keeps for every epoch, so each epoch after would end early)."""
+    straight = _seen(map_style, tmp_path / "straight")
+    assert sorted(straight) == [0, 1, 2] and straight[1] != straight[2]
+    for batches in straight.values():
+        assert len(batches) == MAP_ITEMS // MAP_BATCH and len({i for b in batches for i in b}) == MAP_ITEMS
+    killed = _seen(map_style, tmp_path / "killed", kill_at=8)
+    assert killed == {0: straight[0], 1: straight[1][:2]}
+    resumed = _seen(map_style, tmp_path / "killed", ckpt_path=str(tmp_path / "killed" / "last.ckpt"))
+    assert resumed == {1: straight[1][2:], 2: straight[2]}
