@@ -1,4 +1,5 @@
-"""Data and a callback for tests/test_fsdp.py; the 2-process run imports them by class path.
+"""Data and a callback for tests/test_fsdp.py (the 2-process run imports them by class path), and
+`run_ranks`, which runs a function on 2 ranks of a gloo group for the tests of distributed pieces.
 
 Sharded and single-process runs give the same per-step loss only if each rank's loss averages to the
 global batch's: the text CE is a mean over caption tokens, so every caption here has the same length,
@@ -8,11 +9,15 @@ shuffles training data), so the two ranks' step k together read the single proce
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -55,3 +60,24 @@ class GlobalLoss(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, i) -> None:
         pl_module.log("global_loss", outputs["loss"], sync_dist=True, on_step=True, on_epoch=False)
+
+
+def run_ranks(fn: Callable[..., Any], folder: Path, *args: Any, world: int = 2) -> list[Any]:
+    """`fn(rank, world, *args)` on each rank of a gloo group of `world` processes; their return values.
+
+    The processes are forked, so they start with this process's imports at once (spawned ones would
+    import torch and Lightning again, seconds each); rendezvous and results go through `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_rank, args=(world, folder, fn, args), nprocs=world, start_method="fork")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _rank(rank: int, world: int, folder: Path, fn: Callable[..., Any], args: tuple) -> None:
+    torch.set_num_threads(1)  # the parent's OpenMP threads do not exist in a forked process
+    rendezvous = f"file://{folder}/rendezvous"
+    timeout = timedelta(seconds=60)  # a rank left waiting in a collective fails instead of hanging
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=timeout)
+    try:
+        torch.save(fn(rank, world, *args), folder / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -2,8 +2,10 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from fsdp_support import run_ranks
 from morph_lightning.modeling.quantizer import MorphQuantizer, QuantizerOutput
 
 K, D = 16, 8
@@ -115,3 +117,27 @@ def test_usage_stats_uniform_ema() -> None:
     stats = make_quantizer().code_usage.stats()
     assert stats["perplexity"] == pytest.approx(K) and stats["usage"] == 1.0
     assert math.isfinite(stats["perplexity"])
+
+
+def _revive_on_rank(rank: int, world: int) -> dict[str, torch.Tensor]:
+    q = make_quantizer(dead_code_threshold=0.1, usage_decay=0.5).train()  # the same start on every rank
+    codes = q.codebook.detach().clone()
+    # the ranks' batches differ: rank 0 mostly hits code 0, rank 1 code 1, and no rank any other code
+    hits = [0] * 12 + [1] * 4 if rank == 0 else [1] * 12 + [0] * 4
+    data = codes[hits] + 0.01 * torch.randn(len(hits), D, generator=torch.Generator().manual_seed(rank))
+    for _ in range(6):
+        q(data.unsqueeze(0))
+    return {"codebook": q.codebook.detach(), "usage": q.code_usage.usage_ema, "data": data}
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_ranks_revive_the_same_codes_from_rank_0s_batch(tmp_path) -> None:
+    """2 gloo processes with different batches: the usage EMA counts both ranks' codes (all_reduce), and
+    the codes revived (every one but 0 and 1, after 4 steps) are rows of rank 0's batch on both ranks
+    (broadcast), so the codebooks stay identical. Catches the loss of either collective."""
+    ranks = run_ranks(_revive_on_rank, tmp_path)
+    torch.testing.assert_close(ranks[0]["usage"], ranks[1]["usage"], rtol=0, atol=0)
+    first, second = ranks[0]["codebook"], ranks[1]["codebook"]
+    assert torch.equal(first, second)
+    revived = first[2:]
+    assert (revived[:, None] == ranks[0]["data"][None]).all(dim=-1).any(dim=-1).all()

@@ -10,11 +10,14 @@ import datasets
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
+from fsdp_support import run_ranks
 from morph_lightning.data_modules.hf_pairs import HFImageTextPairsDataModule
 from morph_lightning.data_modules.instruct import InstructionDataModule
 from morph_lightning.data_modules.pairs import ImageTextPairsDataModule
+from morph_lightning.data_modules.resume import EpochSampler
 from morph_lightning.stages import Stage1AR
 
 NUM_SHARDS, PER_SHARD = 4, 12
@@ -81,6 +84,32 @@ def test_a_checkpoint_from_another_world_size_is_refused(shard_pattern):
     dm = _dm(shard_pattern, 0)
     with pytest.raises(ValueError, match="2 ranks"):
         dm.load_state_dict({"ranks": [{"epoch": 0, "batches": 1, "workers": {}}] * 2})
+
+
+def _positions_on_rank(rank: int, world: int, pattern: str) -> dict:
+    full = _keys(_dm(pattern, 0))
+    first = _dm(pattern, 0)
+    _keys(first, stop_after=2 + rank)  # the ranks stop at different places, so a mix-up shows
+    saved = [first.state_dict()]  # every rank's position, gathered (a collective)
+    dist.broadcast_object_list(saved, src=0)  # only rank 0 writes the checkpoint; every rank loads it
+    second = _dm(pattern, 0)
+    second.load_state_dict(saved[0])
+    return {"full": full, "rest": _keys(second), "indices": list(EpochSampler(range(10), seed=0))}
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_two_ranks_read_their_own_shards_and_resume_from_their_own_positions(shard_pattern, tmp_path):
+    """2 gloo processes: each rank reads its own half of the shards (and of a map-style sampler's
+    indices), and after a checkpoint that rank 0 alone writes, each continues where it stood. Catches a
+    split that ignores the rank, a saved position that is rank 0's only, and a restore that reads
+    another rank's."""
+    ranks = run_ranks(_positions_on_rank, tmp_path / "ranks", shard_pattern)
+    keys = [{k for batch in r["full"] for k in batch} for r in ranks]
+    assert len(keys[0]) == len(keys[1]) == NUM_SHARDS * PER_SHARD // 2 and not keys[0] & keys[1]
+    for rank, r in enumerate(ranks):
+        assert r["rest"] == r["full"][2 + rank :], rank
+    indices = [r["indices"] for r in ranks]
+    assert len(indices[0]) == len(indices[1]) == 5 and sorted(indices[0] + indices[1]) == list(range(10))
 
 
 class Killed(Exception):
