@@ -26,3 +26,16 @@ def tiny_cfg() -> dict:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def fit_fixed_batch(stage, batch: dict, steps: int = 40, lr: float = 3e-3) -> list[dict[str, float]]:
+    """Train `stage` on one batch with AdamW (no Trainer); each step's losses, before its update."""
+    opt = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=lr)
+    history = []
+    for _ in range(steps):
+        losses = stage.losses(batch)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    return history

@@ -1,10 +1,13 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from morph_lightning import generation
 from morph_lightning.data_modules.toy import ToyDataModule
 from morph_lightning.generation import generate
 from morph_lightning.modeling.model import MorphModel
-from morph_lightning.modeling.sequence import Sample
+from morph_lightning.modeling.sequence import ImageRef, Sample, build_sequences
 
 
 def _batch(instruct: bool = False, n: int = 4) -> dict:
@@ -55,12 +58,18 @@ def test_codes_mode_reads_mhat_through_the_codebook(tiny_cfg):
 
 
 class _Scripted:
-    """Replaces the LLM head: emits <img>, three morph ids, </img> (an early close), then </s>."""
+    """Replaces the LLM head: at each step puts the next id of `script` on top (by default <img>, three
+    morph ids, </img> (an early close), then </s>). Where generation masks that id, the argmax falls on
+    the first allowed id."""
 
-    def __init__(self, model: MorphModel):
+    def __init__(self, model: MorphModel, script: list[int] | None = None):
         v, self.model, self.step = model.vocab, model, 0
-        self.script = [v.img_start, v.morph_offset + 1, v.morph_offset + 2, v.morph_offset + 3, v.img_end]
-        self.script.append(model.llm.tokenizer.eos_token_id)
+        self.script = script or [
+            v.img_start,
+            *(v.morph_offset + k for k in (1, 2, 3)),
+            v.img_end,
+            model.llm.tokenizer.eos_token_id,
+        ]
         self.real = model.llm.head
 
     def __call__(self, hidden):
@@ -72,10 +81,8 @@ class _Scripted:
         return logits
 
 
-@pytest.mark.parametrize("post_mllm", ["hidden", "codes"])
-def test_generation_pads_an_early_closed_image_with_emp(tiny_cfg, monkeypatch, post_mllm):
-    model = MorphModel({**tiny_cfg, "post_mllm": post_mllm}).eval()
-    monkeypatch.setattr(model.llm, "head", _Scripted(model))
+def _spy_prefix(model: MorphModel, monkeypatch) -> dict:
+    """Records the M̂ that generation hands to the decoder (`seen["prefix"]`, [K, 32, D])."""
     seen = {}
     real_generate = model.decoder.generate
 
@@ -84,6 +91,27 @@ def test_generation_pads_an_early_closed_image_with_emp(tiny_cfg, monkeypatch, p
         return real_generate(prefix, **kw)
 
     monkeypatch.setattr(model.decoder, "generate", spy)
+    return seen
+
+
+def _spy_ids(monkeypatch) -> list[list[int]]:
+    """Records the ids generation emits, one list per row (what it renders into `texts`)."""
+    seen = []
+    real_render = generation._render
+
+    def spy(model, ids):
+        seen.append(list(ids))
+        return real_render(model, ids)
+
+    monkeypatch.setattr(generation, "_render", spy)
+    return seen
+
+
+@pytest.mark.parametrize("post_mllm", ["hidden", "codes"])
+def test_generation_pads_an_early_closed_image_with_emp(tiny_cfg, monkeypatch, post_mllm):
+    model = MorphModel({**tiny_cfg, "post_mllm": post_mllm}).eval()
+    monkeypatch.setattr(model.llm, "head", _Scripted(model))
+    seen = _spy_prefix(model, monkeypatch)
     out = generate(model, [Sample(prompt=["a red circle"])], max_new_tokens=10)
     assert out.texts == ["<image>"]
     assert out.images == [[0]]
@@ -95,12 +123,63 @@ def test_generation_pads_an_early_closed_image_with_emp(tiny_cfg, monkeypatch, p
         torch.testing.assert_close(prefix[:3], model.encoder.quantizer.codebook[1:4])
 
 
-def test_batched_text_generation_with_images_in_prompts(tiny_cfg):
+def test_generation_collects_the_mhat_that_training_reads(tiny_cfg, monkeypatch):
+    """Eq. 6 trains the decoder on M̂ that `post_mllm_tokens` reads from a teacher-forced sequence;
+    generation collects M̂ step by step. Both must be the hidden states that emit the image's morph
+    tokens, so they agree for the same sequence: reading either one position off breaks this."""
+    model = MorphModel(tiny_cfg).eval()
+    v, n = model.vocab, model.num_tokens
+    codes = torch.randperm(model.encoder.quantizer.codebook.shape[0])[:n]
+    eos = model.llm.tokenizer.eos_token_id
+    script = [v.img_start, *(v.morph_offset + codes).tolist(), v.img_end, eos]
+    monkeypatch.setattr(model.llm, "head", _Scripted(model, script))
+    seen = _spy_prefix(model, monkeypatch)
+    prompts = ["a red circle", "USER: draw a blue square on the left ASSISTANT:"]  # unequal: left padding
+    out = generate(model, [Sample(prompt=[p]) for p in prompts], max_new_tokens=n + 3)
+    assert out.images == [[0], [1]]
+
+    # the same sequences teacher-forced, as stages 2 and 3 see them (with the emitted ids as the image's)
+    ids = codes.expand(len(prompts), n)
+    enc = SimpleNamespace(ids=ids, z_q=model.encoder.quantizer.codebook[ids])
+    samples = [Sample(prompt=[p], answer=[ImageRef(i, target=True)]) for i, p in enumerate(prompts)]
+    seq = build_sequences(samples, ids, v, model.llm.tokenizer)
+    with torch.no_grad():
+        mhat = model.post_mllm_tokens(model.run_llm(seq, enc), seq.targets)
+    assert mhat.shape == seen["prefix"].shape == (2, n, model.llm.hidden_size)
+    torch.testing.assert_close(mhat, seen["prefix"], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_forces_img_end_and_keeps_morph_ids_out_of_text(tiny_cfg, monkeypatch):
+    """The head asks for a morph id at every step but the two <img>s. In text mode the morph ids must be
+    masked, and after `num_tokens` morph ids `</img>` must be forced (not a token early or late, and
+    counted afresh for the second image)."""
+    model = MorphModel(tiny_cfg).eval()
+    v, n, eos = model.vocab, model.num_tokens, model.llm.tokenizer.eos_token_id
+    m = v.morph_offset + 5
+    script = [m, v.img_start, *[m] * (n + 2), v.img_start, *[m] * (n + 1), eos]
+    monkeypatch.setattr(model.llm, "head", _Scripted(model, script))
+    ids = _spy_ids(monkeypatch)
+    out = generate(model, [Sample(prompt=["a red circle"])], max_new_tokens=len(script))
+    # text ids shown as "text": where the script's morph id was masked, a text id came instead
+    shown = [t if t >= v.text_size or t == eos else "text" for t in ids[0]]
+    image = [v.img_start, *[m] * n, v.img_end]
+    assert shown == ["text", *image, "text", *image, eos]
+    assert out.images == [[0, 1]]
+
+
+def test_batched_generation_with_images_in_prompts_matches_each_prompt_alone(tiny_cfg, monkeypatch):
+    """Greedy generation of a batch (prompts of different lengths, left-padded, with images) gives each
+    row what that prompt gives alone: catches padding that leaks into attention (prompt or decode mask).
+    The tiny random LLM attends almost uniformly, so wrong positions show only in the M̂ test above."""
     model = MorphModel(tiny_cfg).eval()
     batch = _batch(instruct=True, n=3)
     prompts = [Sample(prompt=s.prompt) for s in batch["samples"]]
-    gen = torch.Generator().manual_seed(0)
-    out = generate(model, prompts, batch["vision_pixels"], max_new_tokens=6, temperature=1.0, generator=gen)
-    assert len(out.texts) == 3 and all(isinstance(t, str) for t in out.texts)
-    n_images = sum(len(i) for i in out.images)
-    assert (out.pixels is None and n_images == 0) or out.pixels.shape[0] == n_images
+    ids = _spy_ids(monkeypatch)
+    kw = {"max_new_tokens": 12, "temperature": 0.0, "image_temperature": 0.0}
+    together = generate(model, prompts, batch["vision_pixels"], **kw)
+    for b, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], batch["vision_pixels"], **kw)
+        assert ids[-1] == ids[b] and alone.texts[0] == together.texts[b], b
+        assert len(alone.images[0]) == len(together.images[b]), b
+        if alone.images[0]:
+            torch.testing.assert_close(alone.pixels, together.pixels[together.images[b]])

@@ -2,24 +2,14 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import fit_fixed_batch
 from morph_lightning.data_modules.toy import ToyDataModule
+from morph_lightning.modeling.tokens import SPECIAL_TOKENS
 from morph_lightning.stages import Stage1AR, Stage2AutoEncode, Stage3Instruct
 
 
 def _batch(instruct: bool, n: int = 6) -> dict:
     return next(iter(ToyDataModule(instruct=instruct, num_train=n, batch_size=n).train_dataloader()))
-
-
-def _fit_fixed_batch(stage, batch, steps: int = 40, lr: float = 3e-3) -> list[dict]:
-    opt = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=lr)
-    history = []
-    for _ in range(steps):
-        losses = stage.losses(batch)
-        opt.zero_grad()
-        losses["loss"].backward()
-        opt.step()
-        history.append({k: float(v.detach()) for k, v in losses.items()})
-    return history
 
 
 @pytest.mark.parametrize(
@@ -33,7 +23,7 @@ def _fit_fixed_batch(stage, batch, steps: int = 40, lr: float = 3e-3) -> list[di
 def test_each_stage_loss_falls_on_a_fixed_batch(tiny_cfg, stage_cls, instruct, terms):
     torch.manual_seed(0)
     stage = stage_cls(model=tiny_cfg)
-    history = _fit_fixed_batch(stage, _batch(instruct))
+    history = fit_fixed_batch(stage, _batch(instruct))
     for term in terms:
         assert history[-1][term] < 0.9 * history[0][term], (term, history[0][term], history[-1][term])
 
@@ -83,6 +73,26 @@ def test_stage2_ties_no_loss_between_mhat_and_m(tiny_cfg, monkeypatch):
         at_morph = stage.model.vocab.is_morph(seen["labels"])
         assert at_morph.sum() == 6 * stage.model.num_tokens  # one target image per caption
         assert bool(seen["logits"].grad[at_morph].abs().sum() > 0) is expect_grad
+
+
+def test_stage3_morph_ce_reaches_the_loss_and_the_new_head_rows(tiny_cfg):
+    """Stage 3 adds the CE on an image answer's morph ids (`morph_ar_weight`, 1 by default) because at
+    inference the LLM must emit them itself: the term is in the loss and its gradient reaches the morph
+    rows of `llm.new_head`. Breaks if the weight leaves the loss, defaults to 0, or the term is detached."""
+    stage = Stage3Instruct(model=tiny_cfg).eval()  # eval: the same forward with each weight
+    batch = _batch(True)
+    runs = []
+    for weight in (stage.hparams.morph_ar_weight, 0.0):
+        stage.hparams.morph_ar_weight = weight
+        stage.zero_grad()
+        losses = stage.losses(batch)
+        losses["loss"].backward()
+        runs.append((losses, stage.model.llm.new_head.weight.grad.clone()))
+    (with_morph, grad), (without, grad0) = runs
+    assert with_morph["morph_ce"] > 0  # the batch has image answers
+    torch.testing.assert_close(with_morph["loss"] - without["loss"], with_morph["morph_ce"])
+    morph_rows = slice(len(SPECIAL_TOKENS), None)
+    assert (grad - grad0)[morph_rows].abs().sum() > 0
 
 
 def _trainer(tmp_path, steps: int) -> L.Trainer:

@@ -26,7 +26,7 @@ from morph_lightning.evaluation.world_eval import (
 )
 from morph_lightning.evaluation.world_metrics import caption_scores
 from morph_lightning.modeling.model import MorphModel
-from morph_lightning.modeling.sequence import ImageRef, Sample
+from morph_lightning.modeling.sequence import ImageRef, Sample, build_sequences
 
 TASKS = {"caption", "vqa", "multi_image", "t2i", "edit", "in_context", "chain", "drift"}
 IMAGE_TASKS = ("t2i", "edit", "in_context", "chain")
@@ -153,14 +153,28 @@ def test_answer_nll_tells_a_model_that_ignores_its_images(world, tiny_cfg, witho
 
 
 def test_answer_nll_scores_only_answer_tokens(tiny_cfg):
+    """Two rows with different prompts (lengths and images) and the same answer: the mean NLL is that of
+    the answer's tokens (and </s>) alone, read here from each row's own forward. Scoring any prompt
+    token, or reading the answer one position off, changes it."""
     model = MorphModel(tiny_cfg).eval()
-    image = torch.randn(3, model.vision.image_size, model.vision.image_size)
-    prompt = [ImageRef(0), "What colour is it?"]
-    short = answer_nll(model, [(Sample(prompt, ["red"]), [image])])
-    assert short > 0.0
-    # the prompt's length changes the context, not which tokens are scored
-    longer = answer_nll(model, [(Sample(prompt, ["red"]), [image]), (Sample(prompt, ["red"]), [image])])
-    assert longer == pytest.approx(short, rel=1e-5)
+    size = model.vision.image_size
+    images = [torch.randn(3, size, size), torch.randn(3, size, size)]
+    rows = [
+        (Sample([ImageRef(0), "What colour is it?"], ["red"]), images[:1]),
+        (Sample(["Look:", ImageRef(0), "and", ImageRef(1), "what colour is the second?"], ["red"]), images),
+    ]
+    tok = model.llm.tokenizer
+    answer = [*tok("red", add_special_tokens=False).input_ids, tok.eos_token_id]
+    nll = []
+    with torch.no_grad():
+        for sample, imgs in rows:
+            enc = model.encode_images(torch.stack(imgs))
+            seq = build_sequences([sample], enc.ids, model.vocab, tok)
+            ids = seq.input_ids[0]
+            assert ids[-len(answer) :].tolist() == answer
+            logp = model.run_llm(seq, enc).logits[0, -len(answer) - 1 : -1].float().log_softmax(-1)
+            nll += (-logp.gather(1, ids[-len(answer) :, None])).flatten().tolist()
+    assert answer_nll(model, rows) == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     with pytest.raises(ValueError, match="no answer tokens"):
         answer_nll(model, [])
 
