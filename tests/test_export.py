@@ -197,3 +197,26 @@ def test_an_extended_tokenizer_is_adopted_only_with_its_own_layout():
     assert extend_tokenizer(tokenizer, num_morph=6, adopt=True) == vocab
     with pytest.raises(ValueError, match="for 5 morph tokens"):
         extend_tokenizer(tokenizer, num_morph=5, adopt=True)
+
+
+def test_a_trained_base_llm_is_exported_not_its_source(tmp_path):
+    """`train_base: true` with `name_or_path` set (the world configs): the export must carry the trained
+    base weights; naming the source model instead would silently undo the training."""
+    cfg = _sources(tmp_path / "src")
+    cfg["llm"]["train_base"] = True
+    stage = MorphStage(model=cfg)
+    trained = stage.model.llm.hf.model.layers[0].mlp.down_proj.weight
+    assert trained.requires_grad
+    with torch.no_grad():
+        trained.add_(torch.randn_like(trained))  # as training would have moved it
+    ckpt = {"state_dict": stage.state_dict(), "hyper_parameters": dict(stage.hparams)}
+    stage.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    expected = _outputs(stage.model.eval())
+
+    out = main(["--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "export")])
+    assert json.loads((out / "morph_config.json").read_text())["files"]["llm_base"] == "llm_base"
+    loaded = load_exported(out)
+    reloaded = loaded.llm.hf.model.layers[0].mlp.down_proj.weight
+    torch.testing.assert_close(reloaded, trained)
+    _assert_same(expected, _outputs(loaded))

@@ -3,7 +3,7 @@ import torch
 
 from morph_lightning.data_modules.toy import ToyDataModule
 from morph_lightning.modeling.model import MorphModel
-from morph_lightning.modeling.sequence import IGNORE, ImageRef, Sample, build_sequences
+from morph_lightning.modeling.sequence import ImageRef, Sample, build_sequences
 from morph_lightning.stages import Stage1AR, Stage2AutoEncode, Stage3Instruct
 
 
@@ -28,6 +28,20 @@ def _build(model: MorphModel, pack_length: int | None):
     return build_sequences(_samples(), codes, model.vocab, model.llm.tokenizer, pack_length=pack_length)
 
 
+def _segments(plain, packed) -> list[tuple[int, int, int, int]]:
+    """(packed row, start, plain row, length) of every sample found whole in a packed row."""
+    lengths = plain.attention_mask.sum(1).tolist()
+    found = []
+    for row in range(packed.input_ids.shape[0]):
+        for s in (packed.position_ids[row] == 0).nonzero().flatten().tolist():
+            for b, n in enumerate(lengths):
+                if torch.equal(packed.input_ids[row, s : s + n], plain.input_ids[b, :n]) and bool(
+                    packed.attention_mask[row, s : s + n].all()
+                ):
+                    found.append((row, s, b, n))
+    return found
+
+
 def test_packed_rows_hold_each_sample_unchanged(model):
     torch.manual_seed(1)
     plain = _build(model, None)
@@ -37,19 +51,12 @@ def test_packed_rows_hold_each_sample_unchanged(model):
     assert packed.packed and packed.input_ids.shape[0] < plain.input_ids.shape[0]
     assert packed.input_ids.shape[1] <= max(64, max(lengths))
     # every sample's tokens, labels and image slots appear once, contiguously, with positions 0..n-1
-    found = 0
-    for row in range(packed.input_ids.shape[0]):
-        starts = (packed.position_ids[row] == 0).nonzero().flatten().tolist()
-        for s in starts:
-            for b, n in enumerate(lengths):
-                if torch.equal(packed.input_ids[row, s : s + n], plain.input_ids[b, :n]) and bool(
-                    packed.attention_mask[row, s : s + n].all()
-                ):
-                    assert torch.equal(packed.position_ids[row, s : s + n], torch.arange(n))
-                    assert torch.equal(packed.labels[row, s : s + n], plain.labels[b, :n])
-                    assert torch.equal(packed.image_slot[row, s : s + n], plain.image_slot[b, :n])
-                    found += 1
-    assert found == len(lengths)
+    segments = _segments(plain, packed)
+    assert sorted(b for _, _, b, _ in segments) == list(range(len(lengths)))
+    for row, s, b, n in segments:
+        assert torch.equal(packed.position_ids[row, s : s + n], torch.arange(n))
+        assert torch.equal(packed.labels[row, s : s + n], plain.labels[b, :n])
+        assert torch.equal(packed.image_slot[row, s : s + n], plain.image_slot[b, :n])
     assert packed.attention_mask.sum() == plain.attention_mask.sum()
     # targets still point at the <img> that opens each generated image
     assert len(packed.targets) == len(plain.targets) == 2
@@ -59,7 +66,10 @@ def test_packed_rows_hold_each_sample_unchanged(model):
 
 
 def test_packed_llm_outputs_match_and_nothing_leaks_across_samples(model):
-    plain, packed = _build(model, None), _build(model, 64)
+    torch.manual_seed(1)
+    plain = _build(model, None)
+    torch.manual_seed(1)  # the same morph ids, so segments can be matched to their samples
+    packed = _build(model, 64)
     codes_vectors = torch.randn(4 * model.num_tokens, model.encoder.code_dim)
 
     class Enc:  # just the straight-through vectors run_llm reads
@@ -71,17 +81,19 @@ def test_packed_llm_outputs_match_and_nothing_leaks_across_samples(model):
         packed.packed = False  # one causal mask over the whole row: later samples see earlier ones
         out_leaky = model.run_llm(packed, Enc)
 
-    def per_label_logits(seq, out):
-        keep = seq.labels != IGNORE
-        return out.logits[keep]
-
-    ref = per_label_logits(plain, out_plain)
-    # samples keep their order inside rows only up to first-fit placement, so compare as sets of rows
-    got = per_label_logits(packed, out_packed)
-    assert got.shape == ref.shape
-    torch.testing.assert_close(got.sort(dim=0).values, ref.sort(dim=0).values, atol=1e-5, rtol=1e-4)
-    leaky = per_label_logits(packed, out_leaky)
-    assert not torch.allclose(leaky.sort(dim=0).values, ref.sort(dim=0).values, atol=1e-3)
+    # sample by sample: each packed segment's logits equal its own unpacked row's, position by position
+    segments = _segments(plain, packed)
+    assert sorted(b for _, _, b, _ in segments) == list(range(plain.input_ids.shape[0]))
+    for row, s, b, n in segments:
+        got = out_packed.logits[row, s : s + n]
+        torch.testing.assert_close(got, out_plain.logits[b, :n], atol=1e-5, rtol=1e-4, msg=f"sample {b}")
+    # a sample placed after another in its row sees it under one causal mask over the row
+    later = [(row, s, b, n) for row, s, b, n in segments if s > 0]
+    assert later
+    assert all(
+        not torch.allclose(out_leaky.logits[row, s : s + n], out_plain.logits[b, :n], atol=1e-3)
+        for row, s, b, n in later
+    )
 
 
 def _batch(instruct: bool, n: int = 6) -> dict:

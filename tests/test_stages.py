@@ -162,3 +162,66 @@ def test_encoder_lr_scale(tiny_cfg, tmp_path, scale):
         assert moved & encoder
         lrs = {g["initial_lr"] for g in stage.optimizers().optimizer.param_groups}
         assert sorted(lrs) == [stage.hparams.lr * scale, stage.hparams.lr]
+
+
+class _RecordLR(L.Callback):
+    """Each optimiser group's lr as the step uses it, and the one left after the last step."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.steps.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    def on_train_end(self, trainer, module) -> None:
+        self.steps.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
+def test_lr_schedule_and_optimiser_groups(tiny_cfg, tmp_path):
+    """Linear warm-up to lr, a cosine down to lr * min_lr_ratio at the last step, the encoder's groups at
+    encoder_lr_scale throughout, and no weight decay on 1-d parameters (biases, norms, gains)."""
+    lr, warmup, total, floor, scale = 1e-3, 4, 20, 0.1, 0.5
+    schedule = dict(lr=lr, warmup_steps=warmup, min_lr_ratio=floor, encoder_lr_scale=scale, weight_decay=0.05)
+    stage = Stage1AR(model=tiny_cfg, **schedule)
+    record = _RecordLR()
+    trainer = _trainer(tmp_path, total)
+    trainer.callbacks.append(record)
+    trainer.fit(stage, ToyDataModule(num_train=4 * total, batch_size=4))
+
+    groups = stage.optimizers().optimizer.param_groups
+    encoder = {id(p) for p in stage.model.encoder.parameters()}
+    is_encoder = [all(id(p) in encoder for p in g["params"]) for g in groups]
+    assert is_encoder.count(True) == 2 and not any(id(p) in encoder for g in groups[:2] for p in g["params"])
+    base = [lr * (scale if e else 1.0) for e in is_encoder]
+    lrs = torch.tensor(record.steps)  # [total + 1, groups]
+    expected = {
+        0: 1 / warmup,  # the first step: 1/warmup of the peak
+        warmup - 1: 1.0,  # the last warm-up step reaches the peak
+        warmup + (total - warmup) // 2: floor + (1 - floor) * 0.5,  # the cosine's middle
+        total: floor,  # after the last step: the floor
+    }
+    for step, factor in expected.items():
+        torch.testing.assert_close(lrs[step], torch.tensor(base) * factor, msg=f"step {step}")
+    assert (lrs[warmup:].diff(dim=0) <= 1e-12).all()  # never rises after warm-up
+
+    trainable = [p for p in stage.parameters() if p.requires_grad]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in trainable)  # each trainable parameter exactly once
+    for g in groups:
+        decays = g["weight_decay"] > 0
+        assert all((p.ndim >= 2) == decays for p in g["params"]), g["weight_decay"]
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
+
+
+def test_a_checkpoint_that_lacks_trainable_weights_is_refused(tiny_cfg, tmp_path):
+    """Resuming (or loading) from a checkpoint without a trainable weight would leave it at random."""
+    stage = Stage1AR(model=tiny_cfg, warmup_steps=1)
+    _trainer(tmp_path, 1).fit(stage, ToyDataModule(num_train=4, batch_size=4))
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    del ckpt["state_dict"]["model.llm.new_head.weight"]
+    torch.save(ckpt, tmp_path / "broken.ckpt")
+    with pytest.raises(ValueError, match=r"lacks trainable weights.*llm\.new_head\.weight"):
+        Stage1AR.load_from_checkpoint(tmp_path / "broken.ckpt", weights_only=True)
+    with pytest.raises(ValueError, match=r"llm\.new_head\.weight"):  # resuming a run: the same check
+        data = ToyDataModule(num_train=8, batch_size=4)
+        _trainer(tmp_path, 2).fit(Stage1AR(model=tiny_cfg), data, ckpt_path=tmp_path / "broken.ckpt")
