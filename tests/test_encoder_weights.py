@@ -14,11 +14,11 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import Blip2Config, Blip2Model, Blip2QFormerConfig, Blip2QFormerModel
 
 from morph_lightning.modeling.encoder import MorphEncoder
-from morph_lightning.modeling.encoder_weights import load_encoder_weights
+from morph_lightning.modeling.encoder_weights import load_encoder_weights, save_encoder_weights
 from morph_lightning.modeling.model import MorphModel
 from morph_lightning.modeling.qformer import DeconfoundedQFormer
 from morph_lightning.modeling.quantizer import MorphQuantizer
@@ -232,3 +232,26 @@ def test_model_config_encoder_init_loads_at_construction(tmp_path, tiny_cfg):
     loaded = MorphModel({**tiny_cfg, "encoder_init": str(tmp_path / "seed.pt")})
     torch.testing.assert_close(loaded.encoder.qformer.query_tokens, state["query_tokens"])
     torch.testing.assert_close(loaded.encoder.quantizer.embedding.weight, state["quantize.embedding.weight"])
+
+
+def test_saved_encoder_is_seed_layout_and_loads_back_exactly(tmp_path):
+    """`save_encoder_weights` writes SEED's names (what a pretrained world encoder ships as); loading the
+    file into a fresh encoder reproduces every weight, the paper's additions included."""
+    trained = encoder(slot_attention="added", slot_layers=[1])
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))
+    path = save_encoder_weights(trained, tmp_path / "towers" / "encoder.safetensors")
+    keys = set(load_file(path))
+    assert {"query_tokens", "ln_vision.weight", "Qformer.bert.embeddings.LayerNorm.weight"} <= keys
+    assert "Qformer.bert.encoder.layer.0.attention.self.query.weight" in keys
+    assert "Qformer.bert.encoder.layer.0.crossattention.self.key.weight" in keys
+    assert "Qformer.bert.encoder.layer.1.slotattention.self.value.weight" in keys
+    assert {"encode_task_layer.2.weight", "quantize.embedding.weight"} <= keys
+    assert not any("dictionary" in k or "code_usage" in k for k in keys)
+
+    fresh = encoder(slot_attention="added", slot_layers=[1])
+    report = load_encoder_weights(fresh, path)
+    assert not report.fresh and not report.unused
+    for name, p in trained.named_parameters():
+        torch.testing.assert_close(fresh.get_parameter(name), p, rtol=0, atol=0, msg=name)

@@ -1,10 +1,10 @@
 """`python -m morph_lightning demo`: the whole method on the embedded world, on one CPU.
 
-Generates the world, trains stage 0 (VQGAN, CLIP-style image tower, small LM), then stages 1 -> 2 -> 3
-through the same CLI and configs a user runs, evaluates every task beside its trivial baseline and
-writes `demo_out/report.md` (+ `report.json`, PNG grids). Each step leaves a marker when it finishes,
-and a step that was interrupted resumes from its last checkpoint, so running the demo again picks up
-where it stopped.
+Generates the world, trains stage 0 (VQGAN, CLIP-style image tower, small LM, the morph-token encoder),
+then stages 1 -> 2 -> 3 through the same CLI and configs a user runs, evaluates every task beside its
+trivial baseline and writes `demo_out/report.md` (+ `report.json`, PNG grids). Each step leaves a
+marker when it finishes, and a step that was interrupted resumes from its last checkpoint, so running
+the demo again picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ STEPS = (
     Step("stage0_vqgan", "world/stage0_vqgan.yaml", RUNS / "stage0_vqgan"),
     Step("stage0_clip", "world/stage0_clip.yaml", RUNS / "stage0_clip"),
     Step("stage0_lm", "world/stage0_lm.yaml", RUNS / "stage0_lm"),
+    Step("stage0_encoder", "world/stage0_encoder.yaml", RUNS / "stage0_encoder"),
     Step("stage1", "world/stage1.yaml", RUNS / "stage1"),
     Step("stage2", "world/stage2.yaml", RUNS / "stage2"),
     Step("stage3", "world/stage3.yaml", RUNS / "stage3"),

@@ -6,9 +6,11 @@ its tokenizer's weights load by key; the released Morph-Tokens code uses the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
+from morph_lightning.modeling.encoder_weights import load_encoder_weights
 from morph_lightning.modeling.qformer import DeconfoundedQFormer
 from morph_lightning.modeling.quantizer import MorphQuantizer
 
@@ -42,3 +44,19 @@ class MorphEncoder(nn.Module):
     def forward(self, patch_tokens: Tensor) -> EncoderOutput:
         q = self.quantizer(self.encode_task_layer(self.qformer(patch_tokens)))
         return EncoderOutput(ids=q.ids, z_q=q.z_q, quant_loss=q.loss, perplexity=q.perplexity, usage=q.usage)
+
+
+def build_encoder(
+    qformer: dict[str, Any], quantizer: dict[str, Any], vision_dim: int, vq_codebook: Tensor, init: str | None
+) -> MorphEncoder:
+    """The encoder of a config: the Q-former reads `vision_dim` tokens, its confounder dictionary starts
+    as the VQGAN's codebook (Appendix B), and `init` (a BLIP-2 / SEED checkpoint) gives its first weights."""
+    qf = DeconfoundedQFormer(
+        **qformer, vision_dim=vision_dim, dict_size=vq_codebook.shape[0], dict_dim=vq_codebook.shape[1]
+    )
+    if qf.deconfound:
+        qf.init_dictionary(vq_codebook.detach().float())
+    encoder = MorphEncoder(qf, MorphQuantizer(**quantizer))
+    if init:
+        load_encoder_weights(encoder, init)
+    return encoder

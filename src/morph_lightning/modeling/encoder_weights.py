@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,22 @@ HF_BLIP2_RULES: list[tuple[str, str | None]] = [
 ]
 # transformers' Blip2QFormerModel alone: the same names without the `qformer.` prefix.
 HF_QFORMER_RULES: list[tuple[str, str | None]] = [(r"^(layernorm|encoder)\.", r"qformer.\1.")]
+
+
+# This encoder's key -> SEED's (what `save_encoder_weights` writes; `LAVIS_RULES` reads it back).
+# The deconfounder and added slot attention keep their own names under `Qformer.bert.encoder.`.
+SEED_EXPORT_RULES: list[tuple[str, str | None]] = [
+    (r"^qformer\.query_tokens$", "query_tokens"),
+    (r"^qformer\.ln_vision\.", "ln_vision."),
+    (r"^qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
+    (
+        r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention|slotattention)\.attention\.",
+        r"Qformer.bert.encoder.layer.\1.\2.self.",
+    ),
+    (r"^qformer\.encoder\.", "Qformer.bert.encoder."),
+    (r"^encode_task_layer\.", "encode_task_layer."),
+    (r"^quantizer\.embedding\.weight$", "quantize.embedding.weight"),
+]
 
 
 @dataclass
@@ -164,3 +181,19 @@ def _read_lavis_file(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict of tensors (or {{'model': state_dict}})")
     return state
+
+
+def save_encoder_weights(encoder: nn.Module, path: str | Path) -> Path:
+    """Write `encoder`'s weights as SEED's tokenizer holds them (LAVIS names), as safetensors, so a
+    pretrained world encoder loads through `encoder_init` exactly as SEED's file does. The confounder
+    dictionary and code-usage statistics are left out: the dictionary is copied from the VQGAN codebook
+    when the model is built."""
+    state = encoder.state_dict()
+    mapping = map_keys(list(state), SEED_EXPORT_RULES)
+    out = {target: state[key].detach().cpu().contiguous() for key, target in mapping.items() if target}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(out, str(tmp))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path

@@ -15,11 +15,8 @@ from torch import nn
 
 from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_section
 from morph_lightning.modeling.decoder import MorphDecoder
-from morph_lightning.modeling.encoder import EncoderOutput, MorphEncoder
-from morph_lightning.modeling.encoder_weights import load_encoder_weights
+from morph_lightning.modeling.encoder import EncoderOutput, build_encoder
 from morph_lightning.modeling.llm import LLMOutput, MorphLLM
-from morph_lightning.modeling.qformer import DeconfoundedQFormer
-from morph_lightning.modeling.quantizer import MorphQuantizer
 from morph_lightning.modeling.sequence import SequenceBatch
 from morph_lightning.modeling.tokens import MorphVocab
 from morph_lightning.modeling.vision import VisionBackbone
@@ -48,21 +45,12 @@ class MorphModel(nn.Module):
             self.vqgan = VQGAN(**kwargs_of(c.vqgan))
         self.vqgan.requires_grad_(False).eval()
 
-        vq_codebook = self.vqgan.codebook
-        qf = DeconfoundedQFormer(
-            **kwargs_of(c.qformer),
-            vision_dim=self.vision.out_dim,
-            dict_size=vq_codebook.shape[0],
-            dict_dim=vq_codebook.shape[1],
-        )
-        quant = MorphQuantizer(**kwargs_of(c.quantizer))
-        if qf.deconfound:  # the confounder dictionary starts as the VQGAN's codebook (Appendix B)
-            qf.init_dictionary(vq_codebook.detach().float())
-        self.encoder = MorphEncoder(qf, quant)
-        if c.encoder_init:
-            load_encoder_weights(self.encoder, c.encoder_init)
+        sections = kwargs_of(c.qformer), kwargs_of(c.quantizer)
+        self.encoder = build_encoder(*sections, self.vision.out_dim, self.vqgan.codebook, c.encoder_init)
         self.llm = MorphLLM(
-            **kwargs_of(c.llm), num_morph_tokens=quant.codebook.shape[0], code_dim=self.encoder.code_dim
+            **kwargs_of(c.llm),
+            num_morph_tokens=self.encoder.quantizer.codebook_size,
+            code_dim=self.encoder.code_dim,
         )
         prefix_dim = self.llm.hidden_size if c.post_mllm == "hidden" else self.encoder.code_dim
         self.decoder = MorphDecoder(

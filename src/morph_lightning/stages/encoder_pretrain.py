@@ -1,0 +1,213 @@
+"""Stage 0 for a world without a pretrained Q-former: the morph-token encoder, pretrained to carry the image.
+
+The paper never trains the encoder from random: the released code starts stage 1 from a pretrained
+Q-former, and its encoder follows SEED's tokenizer, whose quantized tokens are trained to reconstruct
+what the image holds. A small world has no such checkpoint, so this trains one. The encoder's morph
+tokens (straight-through `z_q`) must let a small head predict the image's VQGAN codes, every cell of the
+scene. The encoder is then exported in SEED's layout, and stage 1 loads it through `model.encoder_init`
+as it would load SEED's file. The head is discarded, like SEED's reconstruction blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoTokenizer
+
+from morph_lightning.modeling.config import (
+    QFormerSection,
+    QuantizerSection,
+    VisionSection,
+    VQGANSection,
+    kwargs_of,
+    parse_section,
+)
+from morph_lightning.modeling.encoder import EncoderOutput, build_encoder
+from morph_lightning.modeling.encoder_weights import save_encoder_weights
+from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer
+from morph_lightning.modeling.vision import VisionBackbone
+from morph_lightning.modeling.vqgan import VQGAN
+from morph_lightning.stages.schedule import warmup_cosine
+
+
+class CodeHead(nn.Module):
+    """Predicts each of the image's VQGAN codes from the morph tokens: one learned query per code
+    position reads the tokens through a small transformer decoder."""
+
+    def __init__(self, code_dim: int, n_codes: int, vocab: int, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(code_dim, width)
+        self.queries = nn.Parameter(torch.randn(n_codes, width) * 0.02)
+        layer = nn.TransformerDecoderLayer(
+            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerDecoder(layer, layers)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, vocab))
+
+    def forward(self, z_q: Tensor) -> Tensor:
+        queries = self.queries.expand(z_q.size(0), -1, -1)
+        return self.out(self.blocks(queries, self.inp(z_q)))
+
+
+class CaptionHead(nn.Module):
+    """BLIP-2's image-grounded text generation, read from the morph tokens: a small causal transformer
+    decoder over the caption that cross-attends to them."""
+
+    def __init__(self, code_dim: int, vocab: int, width: int, layers: int, heads: int, max_len: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(code_dim, width)
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        layer = nn.TransformerDecoderLayer(
+            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerDecoder(layer, layers)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, vocab))
+
+    def forward(self, z_q: Tensor, ids: Tensor, pad: Tensor) -> Tensor:
+        """Next-token logits [B, T, vocab] for caption ids [B, T] (pad: True where padding)."""
+        t = ids.size(1)
+        causal = nn.Transformer.generate_square_subsequent_mask(t, device=ids.device)
+        h = self.embed(ids) + self.pos[:t]
+        return self.out(
+            self.blocks(h, self.inp(z_q), tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=pad)
+        )
+
+
+class EncoderPretrain(L.LightningModule):
+    def __init__(
+        self,
+        vision: VisionSection,
+        qformer: QFormerSection,
+        quantizer: QuantizerSection,
+        vqgan: VQGANSection,
+        vqgan_checkpoint: str | None = None,
+        head_width: int = 64,
+        head_layers: int = 2,
+        head_heads: int = 4,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        quant_weight: float = 1.0,
+        code_weight: float = 1.0,
+        caption_weight: float = 0.0,
+        tokenizer: str | None = None,
+        max_caption_tokens: int = 64,
+        export_path: str | None = None,
+    ) -> None:
+        """`vision`, `qformer`, `quantizer`, `vqgan`, `vqgan_checkpoint`: the sections of the stage
+        configs that will load this encoder (the towers are loaded and frozen as there). The loss is
+        `code_weight` x the VQGAN-code CE + `caption_weight` x the caption CE (BLIP-2's image-grounded
+        text generation; captions tokenized with `tokenizer`, a directory, or bytes when None) + the
+        quantizer's. `export_path`: where the encoder goes in SEED's layout when training ends, for
+        `model.encoder_init`."""
+        super().__init__()
+        sections = {
+            "vision": parse_section(VisionSection, vision, "model.init_args.vision"),
+            "qformer": parse_section(QFormerSection, qformer, "model.init_args.qformer"),
+            "quantizer": parse_section(QuantizerSection, quantizer, "model.init_args.quantizer"),
+            "vqgan": parse_section(VQGANSection, vqgan, "model.init_args.vqgan"),
+        }
+        self.save_hyperparameters(ignore=list(sections))
+        # plain dicts, so the checkpoint loads with weights_only
+        self.hparams.update({name: kwargs_of(section) for name, section in sections.items()})
+        self.vision = VisionBackbone(**kwargs_of(sections["vision"]))
+        vq = kwargs_of(sections["vqgan"])
+        self.vqgan = VQGAN.from_taming_checkpoint(vqgan_checkpoint, **vq) if vqgan_checkpoint else VQGAN(**vq)
+        self.vqgan.requires_grad_(False).eval()
+        self.encoder = build_encoder(
+            kwargs_of(sections["qformer"]),
+            kwargs_of(sections["quantizer"]),
+            self.vision.out_dim,
+            self.vqgan.codebook,
+            None,
+        )
+        self.head = CodeHead(
+            self.encoder.code_dim,
+            self.vqgan.codes_per_image,
+            self.vqgan.codebook.shape[0],
+            head_width,
+            head_layers,
+            head_heads,
+        )
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else byte_level_tokenizer()
+        self.caption_head = CaptionHead(
+            self.encoder.code_dim,
+            len(self.tokenizer),
+            head_width,
+            head_layers,
+            head_heads,
+            max_caption_tokens,
+        )
+
+    def train(self, mode: bool = True) -> EncoderPretrain:
+        super().train(mode)
+        self.vqgan.eval()  # frozen towers never leave eval mode
+        return self
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        enc: EncoderOutput = self.encoder(self.vision(batch["vision_pixels"]))
+        if "vqgan_codes" in batch:
+            codes = batch["vqgan_codes"]
+        else:
+            codes = self.vqgan.encode_to_codes(batch["vqgan_pixels"])
+        logits = self.head(enc.z_q)
+        code_ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+        caption_ce = self.caption_loss(enc.z_q, batch["captions"])
+        h = self.hparams
+        return {
+            "loss": h.code_weight * code_ce + h.caption_weight * caption_ce + h.quant_weight * enc.quant_loss,
+            "code_ce": code_ce,
+            "caption_ce": caption_ce,
+            "code_acc": (logits.argmax(-1) == codes).float().mean(),
+            "quant": enc.quant_loss,
+            "perplexity": enc.perplexity.detach(),
+            "code_usage": enc.usage.detach(),
+        }
+
+    def caption_loss(self, z_q: Tensor, captions: list[str]) -> Tensor:
+        """Next-token CE of `<s> caption </s>` given the morph tokens."""
+        tok = self.tokenizer
+        texts = [tok.bos_token + c + tok.eos_token for c in captions]
+        enc = tok(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.hparams.max_caption_tokens,
+            return_tensors="pt",
+        )
+        ids, pad = enc.input_ids.to(z_q.device), enc.attention_mask.to(z_q.device) == 0
+        logits = self.caption_head(z_q, ids[:, :-1], pad[:, :-1])
+        target = ids[:, 1:].masked_fill(pad[:, 1:], -100)
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self.losses(batch)
+        bs = len(batch["vision_pixels"])
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["vision_pixels"]))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=h.lr)
+        return warmup_cosine(opt, self.trainer, h.warmup_steps, h.min_lr_ratio)
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_path and self.trainer.is_global_zero:
+            save_encoder_weights(self.encoder, Path(self.hparams.export_path))
