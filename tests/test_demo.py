@@ -29,5 +29,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     demo(["--max-steps", "3", "--eval-per-task", "2"])
     assert json.loads(Path("demo_out/report.json").read_text())["extra"]["seconds"][STEPS[0].name] is None
     assert {"caption", "vqa", "t2i", "edit", "drift"} <= set(report["metrics"])
+    codebook = report["extra"]["codebook"]  # the encoder's codebook after stage 0 and each of stages 1-3
+    assert list(codebook) == ["stage0_encoder", "stage1", "stage2", "stage3"]
+    assert all(0 < c["codes_used"] <= 1 and c["perplexity"] >= 1 for c in codebook.values())
     assert "model/l1" in report["metrics"]["edit"] and "baseline/l1" in report["metrics"]["edit"]
     assert Path("demo_out/report.md").read_text().count("|") > 20

@@ -85,10 +85,12 @@ def test_regular_install_imports_and_fits_from_outside_the_repo(tmp_path):
         shutil.copy(ROOT / name, source / name)
     # No build isolation and no dependencies: builds with the setuptools installed here, offline.
     build = [python, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels)]
-    subprocess.run([*build, str(source)], check=True, capture_output=True, cwd=tmp_path)
+    # pip writes caches (and probes tools that write settings) under HOME: keep those in tmp_path too
+    pip_env = {**os.environ, "HOME": str(tmp_path), "PIP_NO_CACHE_DIR": "1"}
+    subprocess.run([*build, str(source)], check=True, capture_output=True, cwd=tmp_path, env=pip_env)
     (wheel,) = wheels.glob("morph_lightning-*.whl")
     install = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site)]
-    subprocess.run([*install, str(wheel)], check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run([*install, str(wheel)], check=True, capture_output=True, cwd=tmp_path, env=pip_env)
     assert (site / "morph_lightning" / "data_modules" / "world" / "writer.py").is_file()
     assert (site / "morph_lightning" / "callbacks" / "__init__.py").is_file()
 

@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from morph_lightning.cli import main as cli_main
+from morph_lightning.data_modules.pairs import ImageTextPairsDataModule
 from morph_lightning.data_modules.world.writer import write_world
+from morph_lightning.evaluation.codebook import codebook_health
 from morph_lightning.evaluation.report import write_report
 from morph_lightning.evaluation.world_eval import evaluate_world
+from morph_lightning.modeling.encoder_weights import load_encoder_weights
+from morph_lightning.modeling.model import MorphModel
 from morph_lightning.stages import Stage3Instruct
+from morph_lightning.stages.base import load_model_weights
 
 WORLD_DIR = Path("data/world")
+VAL_PAIRS = WORLD_DIR / "pairs" / "val" / "00000.tar"
 RUNS = Path("runs/world")
 
 
@@ -84,12 +90,43 @@ def main(argv: list[str] | None = None) -> None:
     timings["this_run"] = time.perf_counter() - start  # the steps above that ran now, and the world
 
     model = Stage3Instruct.load_from_checkpoint(STEPS[-1].run_dir / "last.ckpt", weights_only=True).model
+    codebook = codebook_by_stage(model)
     results = evaluate_world(model, WORLD_DIR, max_per_task=args.eval_per_task)
     timings["this_run_with_eval"] = time.perf_counter() - start
     seconds = {k: None if v is None else round(v, 1) for k, v in timings.items()}
-    extra = {"seconds": seconds, "final_train_losses": final_losses()}
+    extra = {"seconds": seconds, "final_train_losses": final_losses(), "codebook": codebook}
     report = write_report(results, args.out, extra=extra)
     print(f"[demo] {timings['this_run_with_eval']:.0f} s this run; report: {report}")
+
+
+def codebook_by_stage(model: MorphModel, num_images: int = 128) -> dict[str, dict[str, float]]:
+    """Codebook health on the first `num_images` val images after stage 0 (the pretrained encoder) and
+    after each of stages 1-3, each encoder read into `model` in turn (stage 3's last, as loaded)."""
+    vision = model.vision
+    data = ImageTextPairsDataModule(
+        train_shards=str(VAL_PAIRS),
+        val_shards=str(VAL_PAIRS),
+        batch_size=num_images,
+        num_workers=0,
+        vision_size=vision.image_size,
+        vqgan_size=model.config.vqgan.resolution,
+        mean=vision.mean,
+        std=vision.std,
+    )
+    data.setup("validate")
+    pixels = next(iter(data.val_dataloader()))["vision_pixels"]
+    health = {}
+    model.eval()  # no code-usage updates while counting
+    load_encoder_weights(model.encoder, RUNS / "towers" / "encoder.safetensors")
+    health["stage0_encoder"] = codebook_health(model, pixels)
+    for step in STEPS[-3:]:
+        weights = load_model_weights(str(step.run_dir / "last.ckpt"))
+        prefix = "encoder."
+        model.encoder.load_state_dict(
+            {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        )
+        health[step.name] = codebook_health(model, pixels)
+    return health
 
 
 def final_losses() -> dict[str, float]:
