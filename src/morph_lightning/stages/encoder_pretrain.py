@@ -35,48 +35,49 @@ from morph_lightning.modeling.vqgan import VQGAN
 from morph_lightning.stages.schedule import warmup_cosine
 
 
-class CodeHead(nn.Module):
+class TokenReader(nn.Module):
+    """A small transformer decoder whose targets cross-attend to the morph tokens, then a vocabulary
+    head: what the two stage-0 heads share."""
+
+    def __init__(self, code_dim: int, vocab: int, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(code_dim, width)
+        layer = nn.TransformerDecoderLayer(
+            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerDecoder(layer, layers)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, vocab))
+
+    def read(self, h: Tensor, z_q: Tensor, **mask: Tensor | bool | None) -> Tensor:
+        return self.out(self.blocks(h, self.inp(z_q), **mask))
+
+
+class CodeHead(TokenReader):
     """Predicts each of the image's VQGAN codes from the morph tokens: one learned query per code
-    position reads the tokens through a small transformer decoder."""
+    position."""
 
     def __init__(self, code_dim: int, n_codes: int, vocab: int, width: int, layers: int, heads: int) -> None:
-        super().__init__()
-        self.inp = nn.Linear(code_dim, width)
+        super().__init__(code_dim, vocab, width, layers, heads)
         self.queries = nn.Parameter(torch.randn(n_codes, width) * 0.02)
-        layer = nn.TransformerDecoderLayer(
-            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.blocks = nn.TransformerDecoder(layer, layers)
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, vocab))
 
     def forward(self, z_q: Tensor) -> Tensor:
-        queries = self.queries.expand(z_q.size(0), -1, -1)
-        return self.out(self.blocks(queries, self.inp(z_q)))
+        return self.read(self.queries.expand(z_q.size(0), -1, -1), z_q)
 
 
-class CaptionHead(nn.Module):
-    """BLIP-2's image-grounded text generation, read from the morph tokens: a small causal transformer
-    decoder over the caption that cross-attends to them."""
+class CaptionHead(TokenReader):
+    """BLIP-2's image-grounded text generation, read from the morph tokens: causal over the caption."""
 
     def __init__(self, code_dim: int, vocab: int, width: int, layers: int, heads: int, max_len: int) -> None:
-        super().__init__()
-        self.inp = nn.Linear(code_dim, width)
+        super().__init__(code_dim, vocab, width, layers, heads)
         self.embed = nn.Embedding(vocab, width)
         self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
-        layer = nn.TransformerDecoderLayer(
-            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.blocks = nn.TransformerDecoder(layer, layers)
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, vocab))
 
     def forward(self, z_q: Tensor, ids: Tensor, pad: Tensor) -> Tensor:
         """Next-token logits [B, T, vocab] for caption ids [B, T] (pad: True where padding)."""
         t = ids.size(1)
         causal = nn.Transformer.generate_square_subsequent_mask(t, device=ids.device)
         h = self.embed(ids) + self.pos[:t]
-        return self.out(
-            self.blocks(h, self.inp(z_q), tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=pad)
-        )
+        return self.read(h, z_q, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=pad)
 
 
 class EncoderPretrain(L.LightningModule):
