@@ -1,11 +1,12 @@
 """Stage 0 for a world without a pretrained Q-former: the morph-token encoder, pretrained to carry the image.
 
 The paper never trains the encoder from random: the released code starts stage 1 from a pretrained
-Q-former, and its encoder follows SEED's tokenizer, whose quantized tokens are trained to reconstruct
-what the image holds. A small world has no such checkpoint, so this trains one. The encoder's morph
-tokens (straight-through `z_q`) must let a small head predict the image's VQGAN codes, every cell of the
-scene. The encoder is then exported in SEED's layout, and stage 1 loads it through `model.encoder_init`
-as it would load SEED's file. The head is discarded, like SEED's reconstruction blocks.
+Q-former, and its encoder follows SEED's tokenizer, whose quantized tokens are trained to carry what the
+image holds. A small world has no such checkpoint, so this trains one: from the encoder's morph tokens
+(straight-through `z_q`) one small head predicts the image's VQGAN codes, every cell of the scene, and
+another its caption (BLIP-2's image-grounded text generation). The encoder is then exported in SEED's
+layout, and stage 1 loads it through `model.encoder_init` as it would load SEED's file. The heads are
+discarded, like SEED's reconstruction blocks.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class EncoderPretrain(L.LightningModule):
         min_lr_ratio: float = 0.1,
         quant_weight: float = 1.0,
         code_weight: float = 1.0,
-        caption_weight: float = 0.0,
+        caption_weight: float = 1.0,
         tokenizer: str | None = None,
         max_caption_tokens: int = 64,
         export_path: str | None = None,
@@ -137,7 +138,6 @@ class EncoderPretrain(L.LightningModule):
             head_layers,
             head_heads,
         )
-
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else byte_level_tokenizer()
         self.caption_head = CaptionHead(
             self.encoder.code_dim,
