@@ -29,6 +29,9 @@ from morph_lightning.stages.base import load_model_weights
 
 WORLD_DIR = Path("data/world")
 VAL_PAIRS = WORLD_DIR / "pairs" / "val" / "00000.tar"
+# 2,000 validation records give every task at least 200 items (the smallest tasks draw 10% of them),
+# and chains (with the drift that follows them) 200; the split is fixed by the world's seed.
+VAL_RECORDS = 2000
 RUNS = Path("runs/world")
 
 
@@ -80,11 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="demo_out", help="where the report goes")
     parser.add_argument("--max-steps", type=int, default=None, help="cap every stage (a quick look)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-per-task", type=int, default=32, help="validation records scored per task")
+    parser.add_argument("--eval-per-task", type=int, default=200, help="validation records scored per task")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    counts = write_world(WORLD_DIR, seed=args.seed)
+    counts = write_world(WORLD_DIR, seed=args.seed, num_val_instruct=VAL_RECORDS)
     print(f"[demo] world: {counts['pairs']} pairs, {counts['images']} images in {WORLD_DIR}")
     timings = {step.name: run_step(step, args.max_steps) for step in STEPS}
     timings["this_run"] = time.perf_counter() - start  # the steps above that ran now, and the world
