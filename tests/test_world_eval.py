@@ -266,4 +266,8 @@ def test_write_report(world, tiny_cfg, tmp_path, without_lpips):
         assert f"(grid_{task}.png)" in md
         with Image.open(out / f"grid_{task}.png") as img:
             assert img.size[0] > 3 * 48
+    for task in ("caption", "vqa", "multi_image"):  # every task shows its images: text tasks their inputs
+        assert f"(grid_{task}.png)" in md
+        with Image.open(out / f"grid_{task}.png") as img:
+            assert img.size[0] > 2 * 48 and img.size[1] < 2 * 48 + 3 * 4
     assert not list(out.glob(".*.tmp*"))

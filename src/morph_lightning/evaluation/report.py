@@ -130,6 +130,12 @@ def write_report(results: WorldResults, out_dir: str | Path, extra: dict | None 
             what = "one chain, a turn per row, each fed the previous prediction" if task == "drift" else ""
             md += [f"![{task}: input | prediction | target](grid_{task}.png)", ""]
             md += [f"Rows: input | prediction | target{'; ' + what if what else ''}.", ""]
+        elif any(ex.input is not None for ex in examples):  # a text task: the images it was asked about
+            row = [ex.input for ex in examples if ex.input is not None]
+            side = max(img.shape[0] for img in row)
+            _png(out / f"grid_{task}.png", image_grid([row], scale=max(1, math.ceil(GRID_CELL / side))))
+            md += [f"![{task}: input images](grid_{task}.png)", ""]
+            md += ["The (last) input image of each example below, left to right.", ""]
         if examples:
             md += ["| prompt | prediction | reference |", "|---|---|---|"]
             for ex in examples:
