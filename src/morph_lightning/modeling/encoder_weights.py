@@ -151,7 +151,10 @@ def _hf_source(path: Path) -> tuple[str, list[tuple[str, str | None]]]:
 def _read_hf_dir(path: Path, rules: list[tuple[str, str | None]]) -> dict[str, Tensor]:
     """The tensors that a rule takes from a transformers directory (safetensors, sharded or not, or a
     `pytorch_model.bin`); a whole BLIP-2 also holds its LLM, which is never read."""
-    wanted = lambda key: any(re.search(p, key) for p, _ in rules)  # noqa: E731
+
+    def wanted(key: str) -> bool:
+        return any(re.search(pattern, key) for pattern, _ in rules)
+
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

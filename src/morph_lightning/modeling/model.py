@@ -39,11 +39,7 @@ class MorphModel(nn.Module):
 
         # Frozen towers (the paper's pretrained CLIP-ViT and VQGAN).
         self.vision = VisionBackbone(**kwargs_of(c.vision))
-        if c.vqgan_checkpoint:
-            self.vqgan = VQGAN.from_taming_checkpoint(c.vqgan_checkpoint, **kwargs_of(c.vqgan))
-        else:
-            self.vqgan = VQGAN(**kwargs_of(c.vqgan))
-        self.vqgan.requires_grad_(False).eval()
+        self.vqgan = VQGAN.frozen(c.vqgan_checkpoint, **kwargs_of(c.vqgan))
 
         sections = kwargs_of(c.qformer), kwargs_of(c.quantizer)
         self.encoder = build_encoder(*sections, self.vision.out_dim, self.vqgan.codebook, c.encoder_init)

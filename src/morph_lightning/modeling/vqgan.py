@@ -302,6 +302,13 @@ class VQGAN(nn.Module):
         return {"rec": rec, "l2": l2, "codebook": codebook_loss, "loss": rec + l2_weight * l2 + codebook_loss}
 
     @classmethod
+    def frozen(cls, checkpoint: str | Path | None, **arch_kwargs) -> VQGAN:
+        """The paper's pretrained tokenizer as the stages use it: loaded from a taming checkpoint (random
+        when None), without gradients, in eval mode (owners keep it there when they switch to train)."""
+        model = cls.from_taming_checkpoint(checkpoint, **arch_kwargs) if checkpoint else cls(**arch_kwargs)
+        return model.requires_grad_(False).eval()
+
+    @classmethod
     def from_taming_checkpoint(cls, path: str | Path, **arch_kwargs) -> VQGAN:
         """Builds a VQGAN from ``arch_kwargs`` and loads a taming Lightning checkpoint or plain state dict."""
         try:

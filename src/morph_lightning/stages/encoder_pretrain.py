@@ -120,9 +120,7 @@ class EncoderPretrain(L.LightningModule):
         # plain dicts, so the checkpoint loads with weights_only
         self.hparams.update({name: kwargs_of(section) for name, section in sections.items()})
         self.vision = VisionBackbone(**kwargs_of(sections["vision"]))
-        vq = kwargs_of(sections["vqgan"])
-        self.vqgan = VQGAN.from_taming_checkpoint(vqgan_checkpoint, **vq) if vqgan_checkpoint else VQGAN(**vq)
-        self.vqgan.requires_grad_(False).eval()
+        self.vqgan = VQGAN.frozen(vqgan_checkpoint, **kwargs_of(sections["vqgan"]))
         self.encoder = build_encoder(
             kwargs_of(sections["qformer"]),
             kwargs_of(sections["quantizer"]),
