@@ -195,3 +195,77 @@ def test_trained_vqgan_export_feeds_the_stage_configs(tmp_path):
     loaded = VQGAN.from_taming_checkpoint(tmp_path / "vqgan.ckpt", **TINY).eval()
     codes = torch.randint(0, TINY["n_embed"], (1, 64))
     assert torch.equal(loaded.decode_codes(codes), module.vqgan.eval().decode_codes(codes))
+
+
+def test_kmeans_plus_plus_finds_separated_clusters() -> None:
+    from morph_lightning.modeling.kmeans import kmeans_plus_plus
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    points = centres.repeat_interleave(50, 0) + 0.1 * torch.randn(200, 2, generator=g)
+    found = kmeans_plus_plus(points, 4, generator=g)
+    assert torch.cdist(centres, found).min(1).values.max() < 0.1  # one centre on every cluster
+    with pytest.raises(ValueError, match="at least k=8"):
+        kmeans_plus_plus(points[:5], 8)
+
+
+def test_autoencoder_warmup_starts_the_codebook_from_its_latents() -> None:
+    """Before `autoencoder_steps` the quantizer is bypassed (codebook loss 0, codebook untouched); at the
+    switch the codebook becomes k-means++ centres of the gathered latents, each near some latent."""
+    torch.manual_seed(0)
+    stage = VQGANAutoencoder(vqgan=TINY, autoencoder_steps=4, kmeans_batches=2)
+    initial = stage.vqgan.codebook.detach().clone()
+    loader = DataLoader([{"vqgan_pixels": images(4, seed=s)} for s in range(5)], batch_size=None)
+
+    def fit(steps: int) -> L.Trainer:
+        trainer = L.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(stage, train_dataloaders=loader)
+        return trainer
+
+    assert fit(4).callback_metrics["train/codebook"] == 0
+    assert torch.equal(stage.vqgan.codebook, initial)
+    assert len(stage._kmeans_sample) == 2  # the latents of the last 2 warm-up batches
+
+    torch.manual_seed(0)
+    stage = VQGANAutoencoder(vqgan=TINY, autoencoder_steps=4, kmeans_batches=2)
+    assert fit(5).callback_metrics["train/codebook"] > 0  # step 5 quantizes, from the new codebook
+    assert not stage._kmeans_sample
+    with torch.no_grad():
+        latents = torch.cat([stage.vqgan.latents(b["vqgan_pixels"]) for b in loader]).permute(0, 2, 3, 1)
+    latents = latents.flatten(0, 2)
+
+    def mean_distance(codebook: torch.Tensor) -> float:
+        return torch.cdist(latents, codebook).min(1).values.mean().item()
+
+    assert mean_distance(stage.vqgan.codebook) < 0.5 * mean_distance(initial)
+
+
+def test_foreground_cells_mark_the_latent_cells_that_hold_an_object() -> None:
+    from morph_lightning.stages.vqgan_autoencoder import foreground_cells
+
+    x = torch.full((1, 3, 16, 16), 0.9)
+    x[0, :, 9:11, 2:4] = -0.5  # an object in the bottom-left 8x8 cell
+    mask = foreground_cells(x, cell=8)
+    assert mask.shape == (1, 1, 16, 16)
+    assert mask[0, 0, 8:, :8].eq(1).all() and mask.sum() == 64
+
+
+def test_weighted_loss_counts_the_weighted_pixels_more(model: VQGAN) -> None:
+    x = images(2)
+    weight = torch.ones(2, 1, 16, 16)
+    plain = model.reconstruction_loss(x, pixel_weight=weight)
+    weight[:, :, :8] = 5.0
+    weighted = model.reconstruction_loss(x, pixel_weight=weight)
+    assert weighted["rec"] > plain["rec"] and model.reconstruction_loss(x, quantize=False)["codebook"] == 0
+
+
+def test_no_resnet_blocks_with_changing_widths_is_refused() -> None:
+    with pytest.raises(ValueError, match="num_res_blocks 0 needs ch_mult of all 1s"):
+        VQGAN(**TINY | {"num_res_blocks": 0})

@@ -8,6 +8,7 @@ SUBCOMMANDS = {
     "demo": "morph_lightning.demo",
     "export": "morph_lightning.export",
     "precompute-codes": "morph_lightning.precompute",
+    "world-towers": "morph_lightning.world_towers",
 }
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """`python -m morph_lightning demo`: the whole method on the embedded world, on one CPU.
 
-Generates the world, trains stage 0 (VQGAN, CLIP-style image tower, small LM, the morph-token encoder),
-then stages 1 -> 2 -> 3 through the same CLI and configs a user runs, evaluates every task beside its
-trivial baseline and writes `demo_out/report.md` (+ `report.json`, PNG grids). Each step leaves a
-marker when it finishes, and a step that was interrupted resumes from its last checkpoint, so running
-the demo again picks up where it stopped.
+Generates the world, takes the world's pretrained stage-0 towers (VQGAN, CLIP-style image tower, small
+LM, the morph-token encoder) as shipped in `towers/world/` (training any that is missing, as
+`make world-towers` does), then trains stages 1 -> 2 -> 3 through the same CLI and configs a user runs,
+evaluates every task beside its trivial baseline and writes `demo_out/report.md` (+ `report.json`, PNG
+grids). Each step leaves a marker when it finishes, and a step that was interrupted resumes from its last
+checkpoint, so running the demo again picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ VAL_PAIRS = WORLD_DIR / "pairs" / "val" / "00000.tar"
 # and chains (with the drift that follows them) 200; the split is fixed by the world's seed.
 VAL_RECORDS = 2000
 RUNS = Path("runs/world")
+# The world's pretrained towers, shipped with the project as the paper's are downloaded; the stage-0
+# configs write them here and the stage configs read them from here.
+TOWERS = Path("towers/world")
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,18 @@ class Step:
     name: str
     config: str
     run_dir: Path
+    tower: Path | None = None  # what a stage-0 step exports; the step is skipped when it exists
 
 
-STEPS = (
-    Step("stage0_vqgan", "world/stage0_vqgan.yaml", RUNS / "stage0_vqgan"),
-    Step("stage0_clip", "world/stage0_clip.yaml", RUNS / "stage0_clip"),
-    Step("stage0_lm", "world/stage0_lm.yaml", RUNS / "stage0_lm"),
-    Step("stage0_encoder", "world/stage0_encoder.yaml", RUNS / "stage0_encoder"),
+TOWER_STEPS = (
+    Step("stage0_vqgan", "world/stage0_vqgan.yaml", RUNS / "stage0_vqgan", TOWERS / "vqgan.ckpt"),
+    Step("stage0_clip", "world/stage0_clip.yaml", RUNS / "stage0_clip", TOWERS / "vision.safetensors"),
+    Step("stage0_lm", "world/stage0_lm.yaml", RUNS / "stage0_lm", TOWERS / "lm"),
+    Step(
+        "stage0_encoder", "world/stage0_encoder.yaml", RUNS / "stage0_encoder", TOWERS / "encoder.safetensors"
+    ),
+)
+STEPS = TOWER_STEPS + (
     Step("stage1", "world/stage1.yaml", RUNS / "stage1"),
     Step("stage2", "world/stage2.yaml", RUNS / "stage2"),
     Step("stage3", "world/stage3.yaml", RUNS / "stage3"),
@@ -54,9 +63,12 @@ STEPS = (
 
 
 def run_step(step: Step, max_steps: int | None) -> float | None:
-    """Fit one step unless its marker exists; resume from its last checkpoint if one is there. Returns
-    the seconds the step took, read back from its marker when it finished in an earlier run (None when
-    that marker holds no time, e.g. one made by hand to skip the step)."""
+    """Fit one step unless its tower or its marker exists; resume from its last checkpoint if one is
+    there. Returns the seconds the step took, read back from its marker when it finished in an earlier
+    run (None for a shipped tower, or a marker that holds no time, e.g. one made by hand)."""
+    if step.tower is not None and step.tower.exists():
+        print(f"[demo] {step.name}: using the pretrained {step.tower}")
+        return None
     done = step.run_dir / "DONE"
     if done.exists():
         print(f"[demo] {step.name}: done before, skipped")
@@ -120,7 +132,7 @@ def codebook_by_stage(model: MorphModel, num_images: int = 128) -> dict[str, dic
     pixels = next(iter(data.val_dataloader()))["vision_pixels"]
     health = {}
     model.eval()  # no code-usage updates while counting
-    load_encoder_weights(model.encoder, RUNS / "towers" / "encoder.safetensors")
+    load_encoder_weights(model.encoder, TOWERS / "encoder.safetensors")
     health["stage0_encoder"] = codebook_health(model, pixels)
     for step in STEPS[-3:]:
         weights = load_model_weights(str(step.run_dir / "last.ckpt"))

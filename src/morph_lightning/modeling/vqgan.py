@@ -238,6 +238,9 @@ class VQGAN(nn.Module):
         norm_groups: int = 32,
     ) -> None:
         super().__init__()
+        if num_res_blocks == 0 and any(m != 1 for m in ch_mult):
+            # the encoder's resnet blocks are what change a level's width (as in taming, which also fails)
+            raise ValueError(f"VQGAN: num_res_blocks 0 needs ch_mult of all 1s (got {list(ch_mult)})")
         self.latent_size = resolution // 2 ** (len(ch_mult) - 1)
         common = dict(
             ch=ch,
@@ -286,19 +289,30 @@ class VQGAN(nn.Module):
         return self.decoder(self.post_quant_conv(z_q)), codebook_loss, codes
 
     def reconstruction_loss(
-        self, images: Tensor, code_usage: CodeUsage | None = None, l2_weight: float = 0.0
+        self,
+        images: Tensor,
+        code_usage: CodeUsage | None = None,
+        l2_weight: float = 0.0,
+        pixel_weight: Tensor | None = None,
+        quantize: bool = True,
     ) -> dict[str, Tensor]:
         """L1 reconstruction (+ `l2_weight` * MSE) + codebook loss. In training, `code_usage` (kept outside
-        so the state dict stays taming's) counts the codes picked and revives dead ones from this batch."""
+        so the state dict stays taming's) counts the codes picked and revives dead ones from this batch.
+        `pixel_weight` ([B, 1, R, R]) weighs the reconstruction error per pixel; `quantize=False` decodes
+        the latents as they are (a plain autoencoder, codebook loss 0)."""
         z = self.latents(images)
-        track = code_usage is not None and self.training
-        if track:
-            code_usage.revive(self.codebook, z.detach().permute(0, 2, 3, 1).flatten(0, 2))
-        recon, codebook_loss, codes = self._quantize_decode(z)
-        if track:
-            code_usage.update(codes)
+        if quantize:
+            track = code_usage is not None and self.training
+            if track:
+                code_usage.revive(self.codebook, z.detach().permute(0, 2, 3, 1).flatten(0, 2))
+            recon, codebook_loss, codes = self._quantize_decode(z)
+            if track:
+                code_usage.update(codes)
+        else:
+            recon, codebook_loss = self.decoder(self.post_quant_conv(z)), z.new_zeros(())
         error = recon - images
-        rec, l2 = error.abs().mean(), error.square().mean()
+        weight = 1.0 if pixel_weight is None else pixel_weight
+        rec, l2 = (weight * error.abs()).mean(), (weight * error.square()).mean()
         return {"rec": rec, "l2": l2, "codebook": codebook_loss, "loss": rec + l2_weight * l2 + codebook_loss}
 
     @classmethod

@@ -7,6 +7,7 @@ configs then load through `llm.name_or_path` and adapt with LoRA only, exactly a
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,13 @@ class CausalLMPretrain(L.LightningModule):
         weight_decay: float = 0.05,
         max_length: int = 128,
         export_dir: str | None = None,
+        export_dtype: str | None = None,
     ) -> None:
         """`config`: an HF config, e.g. {"model_type": "llama", "hidden_size": 64, ...}; its vocab_size
         defaults to the tokenizer's size. `tokenizer`: a tokenizer directory or hub id (None: bytes).
         `text_key`: the batch entry holding the list of strings ("texts" from `TextDataModule`,
-        "captions" from the pair data module)."""
+        "captions" from the pair data module). `export_dtype` (e.g. "float16"): the dtype the export is
+        saved in, as hub models often are (it halves the file); loaders choose their own with `llm.dtype`."""
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else byte_level_tokenizer()
@@ -84,7 +87,9 @@ class CausalLMPretrain(L.LightningModule):
 
     def export(self, directory: str | Path) -> None:
         """An HF model directory: `MorphLLM(name_or_path=directory)` loads it like any hub model."""
-        self.lm.save_pretrained(directory)
+        dtype = self.hparams.export_dtype
+        lm = copy.deepcopy(self.lm).to(getattr(torch, dtype)) if dtype else self.lm
+        lm.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
     def on_train_end(self) -> None:
