@@ -30,9 +30,12 @@ from morph_lightning.stages.base import load_model_weights
 
 WORLD_DIR = Path("data/world")
 VAL_PAIRS = WORLD_DIR / "pairs" / "val" / "00000.tar"
-# 2,000 validation records give every task at least 200 items (the smallest tasks draw 10% of them),
-# and chains (with the drift that follows them) 200; the split is fixed by the world's seed.
-VAL_RECORDS = 2000
+# The world's size. 20,000 image-text pairs (40 shards) and 8,000 instruction records keep stage 0's
+# long runs and the decoder from memorising their images (with 2,000 pairs a decoder trained on frozen
+# post-MLLM tokens overfit within 500 steps of 64); 2,000 validation records give every task at least
+# 200 items (the smallest tasks draw 10% of them), chains (and the drift after them) 200. The split is
+# fixed by the world's seed.
+WORLD_SIZE = {"num_pairs": 20000, "num_instruct": 8000, "num_val_instruct": 2000}
 RUNS = Path("runs/world")
 # The world's pretrained towers, shipped with the project as the paper's are downloaded; the stage-0
 # configs write them here and the stage configs read them from here.
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    counts = write_world(WORLD_DIR, seed=args.seed, num_val_instruct=VAL_RECORDS)
+    counts = write_world(WORLD_DIR, seed=args.seed, **WORLD_SIZE)
     print(f"[demo] world: {counts['pairs']} pairs, {counts['images']} images in {WORLD_DIR}")
     timings = {step.name: run_step(step, args.max_steps) for step in STEPS}
     timings["this_run"] = time.perf_counter() - start  # the steps above that ran now, and the world

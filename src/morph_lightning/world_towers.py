@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from morph_lightning.data_modules.world.writer import write_world
-from morph_lightning.demo import RUNS, TOWER_STEPS, TOWERS, VAL_PAIRS, VAL_RECORDS, WORLD_DIR, run_step
+from morph_lightning.demo import RUNS, TOWER_STEPS, TOWERS, VAL_PAIRS, WORLD_DIR, WORLD_SIZE, run_step
 from morph_lightning.evaluation.tower_quality import last_val_metrics, val_batch, vqgan_scene_exact
 from morph_lightning.modeling.vqgan import VQGAN
 from morph_lightning.stages.vqgan_autoencoder import VQGANAutoencoder
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the world's seed")
     args = parser.parse_args(argv)
 
-    write_world(WORLD_DIR, seed=args.seed, num_val_instruct=VAL_RECORDS)
+    write_world(WORLD_DIR, seed=args.seed, **WORLD_SIZE)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     kept = unused(RUNS / f"towers.{stamp}")  # the towers this run replaces: moved here, never deleted
     seconds = {}
