@@ -30,7 +30,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning demo
 
 # The world's stage-0 towers that the demo starts from (towers/world/), trained again from scratch
-# (deterministic, ~35 min on 2 cores); prints their quality, also written to towers/world/quality.json.
+# (deterministic, about 35 min on 2 cores); prints their quality, also written to towers/world/quality.json.
 world-towers: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning world-towers
 
