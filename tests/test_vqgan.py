@@ -42,6 +42,21 @@ def images(b: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.interpolate(low, size=16, mode="bilinear", align_corners=False)
 
 
+def fit_quietly(stage: L.LightningModule, loader: DataLoader, steps: int) -> L.Trainer:
+    """`steps` training steps on the CPU (cycling the loader), no logs, checkpoints or progress bar."""
+    trainer = L.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(stage, train_dataloaders=loader)
+    return trainer
+
+
 def test_shapes(model: VQGAN) -> None:
     x = images(3)
     assert model.codes_per_image == 64
@@ -145,17 +160,7 @@ def test_autoencoder_stage_learns() -> None:
     with torch.no_grad():
         initial = stage.vqgan.reconstruction_loss(x)["rec"].item()
 
-    loader = DataLoader([{"vqgan_pixels": x}], batch_size=None)
-    trainer = L.Trainer(
-        max_steps=30,
-        max_epochs=-1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(stage, train_dataloaders=loader)
+    trainer = fit_quietly(stage, DataLoader([{"vqgan_pixels": x}], batch_size=None), steps=30)
 
     assert {"train/rec", "train/codebook", "train/loss"} <= set(trainer.callback_metrics)
     with torch.no_grad():
@@ -217,25 +222,15 @@ def test_autoencoder_warmup_starts_the_codebook_from_its_latents() -> None:
     initial = stage.vqgan.codebook.detach().clone()
     loader = DataLoader([{"vqgan_pixels": images(4, seed=s)} for s in range(5)], batch_size=None)
 
-    def fit(steps: int) -> L.Trainer:
-        trainer = L.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(stage, train_dataloaders=loader)
-        return trainer
-
-    assert fit(4).callback_metrics["train/codebook"] == 0
+    assert fit_quietly(stage, loader, steps=4).callback_metrics["train/codebook"] == 0
     assert torch.equal(stage.vqgan.codebook, initial)
     assert len(stage._kmeans_sample) == 2  # the latents of the last 2 warm-up batches
 
     torch.manual_seed(0)
     stage = VQGANAutoencoder(vqgan=TINY, autoencoder_steps=4, kmeans_batches=2)
-    assert fit(5).callback_metrics["train/codebook"] > 0  # step 5 quantizes, from the new codebook
+    assert (
+        fit_quietly(stage, loader, steps=5).callback_metrics["train/codebook"] > 0
+    )  # step 5 quantizes, from the new codebook
     assert not stage._kmeans_sample
     with torch.no_grad():
         latents = torch.cat([stage.vqgan.latents(b["vqgan_pixels"]) for b in loader]).permute(0, 2, 3, 1)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from morph_lightning.cli import main as cli_main
-from morph_lightning.data_modules.pairs import ImageTextPairsDataModule
 from morph_lightning.data_modules.world.writer import write_world
 from morph_lightning.evaluation.codebook import codebook_health
 from morph_lightning.evaluation.report import write_report
+from morph_lightning.evaluation.tower_quality import val_batch
 from morph_lightning.evaluation.world_eval import evaluate_world
 from morph_lightning.modeling.encoder_weights import load_encoder_weights
 from morph_lightning.modeling.model import MorphModel
@@ -121,18 +121,9 @@ def codebook_by_stage(model: MorphModel, num_images: int = 128) -> dict[str, dic
     """Codebook health on the first `num_images` val images after stage 0 (the pretrained encoder) and
     after each of stages 1-3, each encoder read into `model` in turn (stage 3's last, as loaded)."""
     vision = model.vision
-    data = ImageTextPairsDataModule(
-        train_shards=str(VAL_PAIRS),
-        val_shards=str(VAL_PAIRS),
-        batch_size=num_images,
-        num_workers=0,
-        vision_size=vision.image_size,
-        vqgan_size=model.config.vqgan.resolution,
-        mean=vision.mean,
-        std=vision.std,
-    )
-    data.setup("validate")
-    pixels = next(iter(data.val_dataloader()))["vision_pixels"]
+    resolution = model.config.vqgan.resolution
+    batch = val_batch(str(VAL_PAIRS), num_images, vision.image_size, resolution, vision.mean, vision.std)
+    pixels = batch["vision_pixels"]
     health = {}
     model.eval()  # no code-usage updates while counting
     load_encoder_weights(model.encoder, TOWERS / "encoder.safetensors")
