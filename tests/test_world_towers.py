@@ -47,6 +47,7 @@ def test_world_towers_are_reproducible_and_keep_what_they_replace(tmp_path, monk
     assert 0 <= quality["stage0_vqgan"]["val/scene_exact"] <= 1
     assert all(0 < quality[s.name]["bytes"] < MAX_TOWER_BYTES for s in TOWER_STEPS)
 
+    Path("runs/world/stage1").mkdir()  # a stage trained on the first towers: set aside with them
     world_towers(["--max-steps", "2"])  # again from scratch: the same towers, the first ones kept aside
     second = tower_tensors(towers)
     assert first.keys() == second.keys()
@@ -59,6 +60,7 @@ def test_world_towers_are_reproducible_and_keep_what_they_replace(tmp_path, monk
         "encoder.safetensors",
     }
     assert len(list(Path("runs/world").glob("stage0_vqgan.*"))) == 1  # the first run's folder
+    assert not Path("runs/world/stage1").exists() and len(list(Path("runs/world").glob("stage1.*"))) == 1
 
 
 @pytest.mark.parametrize("name", ["vqgan.ckpt", "vision.safetensors", "lm", "encoder.safetensors"])

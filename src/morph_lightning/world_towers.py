@@ -4,8 +4,8 @@ The world's pretrained towers (VQGAN, CLIP-style image tower, small LM, morph-to
 `towers/world/`, as a user of the paper's recipe downloads EVA-CLIP, the VQGAN and Vicuna. This command
 makes them again: it runs the four stage-0 configs in order, each from its seed, writes the towers where
 the stage configs read them, and prints their quality and file sizes (`towers/world/quality.json`
-records both). An earlier run's folders and the towers it replaces are kept, renamed or moved under
-`runs/world/` with the time.
+records both). An earlier run's folders (stages 1-3 too, which were trained on the old towers) and
+the towers it replaces are kept, renamed or moved under `runs/world/` with the time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from morph_lightning.data_modules.world.writer import write_world
-from morph_lightning.demo import RUNS, TOWER_STEPS, TOWERS, VAL_PAIRS, WORLD_DIR, WORLD_SIZE, run_step
+from morph_lightning.demo import RUNS, STEPS, TOWER_STEPS, TOWERS, VAL_PAIRS, WORLD_DIR, WORLD_SIZE, run_step
 from morph_lightning.evaluation.tower_quality import last_val_metrics, val_batch, vqgan_scene_exact
 from morph_lightning.modeling.vqgan import VQGAN
 from morph_lightning.stages.vqgan_autoencoder import VQGANAutoencoder
@@ -72,10 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     write_world(WORLD_DIR, seed=args.seed, **WORLD_SIZE)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     kept = unused(RUNS / f"towers.{stamp}")  # the towers this run replaces: moved here, never deleted
+    # An earlier run's folders stay beside the new ones, stages 1-3 too: they were trained on the old
+    # towers, and the demo would otherwise take them as done.
+    for step in STEPS:
+        if step.run_dir.exists():
+            step.run_dir.rename(unused(step.run_dir.with_name(f"{step.run_dir.name}.{stamp}")))
     seconds = {}
     for step in TOWER_STEPS:
-        if step.run_dir.exists():  # an earlier run's folder stays beside the new one
-            step.run_dir.rename(unused(step.run_dir.with_name(f"{step.run_dir.name}.{stamp}")))
         if step.tower.exists():
             kept.mkdir(parents=True, exist_ok=True)
             step.tower.rename(kept / step.tower.name)
