@@ -30,6 +30,7 @@ from morph_lightning.modeling.config import (
 )
 from morph_lightning.modeling.encoder import EncoderOutput, build_encoder
 from morph_lightning.modeling.encoder_weights import save_encoder_weights
+from morph_lightning.modeling.sequence import IGNORE
 from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer
 from morph_lightning.modeling.vision import VisionBackbone
 from morph_lightning.modeling.vqgan import VQGAN
@@ -184,8 +185,8 @@ class EncoderPretrain(L.LightningModule):
         )
         ids, pad = enc.input_ids.to(z_q.device), enc.attention_mask.to(z_q.device) == 0
         logits = self.caption_head(z_q, ids[:, :-1], pad[:, :-1])
-        target = ids[:, 1:].masked_fill(pad[:, 1:], -100)
-        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+        target = ids[:, 1:].masked_fill(pad[:, 1:], IGNORE)
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self.losses(batch)
