@@ -55,6 +55,18 @@ class Record:
     where: str  # "file:line", for messages
 
 
+def prompt_pieces(text: str) -> list[Piece]:
+    """A prompt with `<image>` marks -> its text pieces and `ImageRef(0)`, `ImageRef(1)`, ... in order;
+    trailing space is dropped (it goes with the answer, see `build_record`)."""
+    pieces: list[Piece] = []
+    for i, piece in enumerate(text.rstrip().split(IMAGE_MARK)):
+        if i:
+            pieces.append(ImageRef(i - 1))
+        if piece:
+            pieces.append(piece)
+    return pieces
+
+
 def build_record(
     input_text: str,
     inputs: list[ImageSource],
@@ -72,12 +84,7 @@ def build_record(
     # The space between "ASSISTANT:" and a text answer goes with the answer (" red"), as it does when a
     # whole conversation is tokenized at once: the answer then starts with the word-start token the LM
     # was pretrained on, and the prompt ends where generation starts.
-    prompt: list[Piece] = []
-    for i, piece in enumerate(input_text.rstrip().split(IMAGE_MARK)):
-        if i:
-            prompt.append(ImageRef(i - 1))
-        if piece:
-            prompt.append(piece)
+    prompt = prompt_pieces(input_text)
     images = list(inputs)
     if output_text is not None:
         answer: list[Piece] = [" " + output_text.lstrip()]

@@ -39,3 +39,12 @@ def fit_fixed_batch(stage, batch: dict, steps: int = 40, lr: float = 3e-3) -> li
         opt.step()
         history.append({k: float(v.detach()) for k, v in losses.items()})
     return history
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_model():
+    """A tiny random MorphModel in eval mode: runs evaluation tasks end to end in seconds."""
+    from morph_lightning.modeling.model import MorphModel
+
+    torch.manual_seed(0)
+    return MorphModel(tiny_model_config()).eval()

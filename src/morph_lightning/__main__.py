@@ -6,6 +6,7 @@ from morph_lightning.cli import main
 # Subcommands with their own argument parser; everything else is LightningCLI.
 SUBCOMMANDS = {
     "demo": "morph_lightning.demo",
+    "evaluate": "morph_lightning.evaluate",
     "export": "morph_lightning.export",
     "precompute-codes": "morph_lightning.precompute",
     "world-towers": "morph_lightning.world_towers",

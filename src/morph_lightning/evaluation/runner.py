@@ -1,0 +1,252 @@
+"""The evaluation runner: one task, one model, predictions written as they come, then the scores.
+
+Requests go through a LightningDataModule and a LightningModule's `predict_step`, so `devices=N` runs
+data-parallel (DDP) with Lightning's progress bar. Each rank appends its predictions to its own
+`predictions.part<rank>.jsonl` after every batch (flushed and synced), so a killed run loses at most the
+batch in flight: run the same command again and only the missing items are answered. At the end the
+parts are merged into `predictions.jsonl` (in the task's order) and `scores.json` and `table.md` are
+written; every file is written whole under a temporary name and renamed into place, and a file an
+earlier run wrote is moved aside with a timestamp rather than replaced when it would change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+
+from morph_lightning.data_modules.instruct import prompt_pieces
+from morph_lightning.data_modules.transforms import BadImage, ImageTransforms, load_image
+from morph_lightning.evaluation.likelihood import continuation_logprobs
+from morph_lightning.evaluation.task import Prediction, Request, Task, read_predictions_jsonl
+from morph_lightning.evaluation.text_generation import generate_text
+from morph_lightning.modeling.model import MorphModel
+from morph_lightning.modeling.sequence import Sample, shift_refs
+
+log = logging.getLogger(__name__)
+PREDICTIONS = "predictions.jsonl"
+RUN_FILE = "run.json"
+
+
+# ---------------------------------------------------------------- data
+
+
+class _Loaded:
+    """One request with its images read for the vision tower, or the reason they could not be."""
+
+    def __init__(self, request: Request, pixels: list[torch.Tensor], error: str | None) -> None:
+        self.request, self.pixels, self.error = request, pixels, error
+
+
+class _RequestDataset(Dataset):
+    def __init__(self, requests: list[Request], transforms: ImageTransforms) -> None:
+        self.requests, self.transforms = requests, transforms
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, i: int) -> _Loaded:
+        request = self.requests[i]
+        try:
+            images = [load_image(src if isinstance(src, str) else src()) for src in request.images]
+        except BadImage as bad:
+            log.warning("%s: unreadable image (%s), scored as unanswered", request.id, bad)
+            return _Loaded(request, [], f"unreadable image: {bad}")
+        return _Loaded(request, [self.transforms(img)[0] for img in images], None)
+
+
+class RequestDataModule(L.LightningDataModule):
+    """The requests still to answer, in order; images read and transformed by the loader's workers."""
+
+    def __init__(
+        self, requests: list[Request], transforms: ImageTransforms, batch_size: int = 8, num_workers: int = 0
+    ) -> None:
+        super().__init__()
+        self.dataset = _RequestDataset(requests, transforms)
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=list
+        )
+
+
+# ---------------------------------------------------------------- model
+
+
+class EvalModule(L.LightningModule):
+    """Answers a batch of requests: generated text, or the choices ranked by summed log-likelihood
+    (InstructBLIP's vocabulary ranking; a task that wants them length-normalised reads the logprobs and
+    token counts from the prediction)."""
+
+    def __init__(self, model: MorphModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def predict_step(self, batch: list[_Loaded], batch_idx: int) -> list[Prediction]:
+        self.model.eval()
+        out: dict[str, Prediction] = {}
+        generate: dict[tuple, list[_Loaded]] = defaultdict(list)
+        for item in batch:
+            r = item.request
+            if item.error is not None:
+                out[r.id] = Prediction(r.id, error=item.error)
+            elif r.choices is not None:
+                out[r.id] = self._rank(item)
+            else:
+                generate[(r.max_new_tokens, r.min_new_tokens, r.num_beams, r.length_penalty)].append(item)
+        for (max_new, min_new, beams, penalty), items in generate.items():
+            prompts, pixels = [], []
+            for item in items:
+                prompts.append(Sample(shift_refs(prompt_pieces(item.request.prompt), len(pixels))))
+                pixels += item.pixels
+            texts = generate_text(
+                self.model,
+                prompts,
+                torch.stack(pixels) if pixels else None,
+                max_new_tokens=max_new,
+                min_new_tokens=min_new,
+                num_beams=beams,
+                length_penalty=penalty,
+            )
+            for item, text in zip(items, texts, strict=True):
+                out[item.request.id] = Prediction(item.request.id, text=text.strip())
+        return [out[item.request.id] for item in batch]
+
+    def _rank(self, item: _Loaded) -> Prediction:
+        r = item.request
+        prompt = prompt_pieces(r.prompt)
+        # A choice follows "ASSISTANT:" after a space, as training renders answers (`build_record`).
+        rows = [(Sample(prompt, [" " + choice.lstrip()]), item.pixels) for choice in r.choices]
+        scored = continuation_logprobs(self.model, rows, batch_size=len(rows))
+        best = max(range(len(scored)), key=lambda k: scored[k].logprob)
+        return Prediction(
+            r.id,
+            text=r.choices[best],
+            choice_logprobs=[c.logprob for c in scored],
+            choice_tokens=[c.tokens for c in scored],
+        )
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Appends each batch's predictions to `predictions.part<rank>.jsonl`, flushed and synced."""
+
+    def __init__(self, out_dir: Path) -> None:
+        super().__init__(write_interval="batch")
+        self.out_dir = out_dir
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dl_idx):
+        path = self.out_dir / f"predictions.part{trainer.global_rank}.jsonl"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in prediction))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_atomic(path: Path, text: str, keep_earlier: bool = True) -> None:
+    """Write `path` whole; with `keep_earlier`, an earlier file with other content is first moved aside,
+    timestamped."""
+    if keep_earlier and path.exists() and path.read_text(encoding="utf-8") != text:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        os.replace(path, path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _stored_predictions(out: Path) -> dict[str, Prediction]:
+    """Everything answered so far in `out`: the merged file and any parts of an interrupted run."""
+    done: dict[str, Prediction] = {}
+    for path in [out / PREDICTIONS, *sorted(out.glob("predictions.part*.jsonl"))]:
+        if path.exists():
+            done |= read_predictions_jsonl(path)
+    return done
+
+
+def _check_run(out: Path, run: dict[str, Any]) -> None:
+    """`out` holds this run's files or none: predictions of another task, data or model stop here."""
+    path = out / RUN_FILE
+    if path.exists():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        if earlier != run:
+            diff = ", ".join(
+                f"{k}: {earlier.get(k)!r} -> {v!r}" for k, v in run.items() if earlier.get(k) != v
+            )
+            raise ValueError(f"{out} holds another run's predictions ({diff}); give another --out")
+    else:
+        write_atomic(path, json.dumps(run, indent=2) + "\n")
+
+
+def write_scores(task: Task, predictions: dict[str, Prediction], out: Path) -> dict[str, Any]:
+    """Score `predictions`, write `scores.json` and `table.md` under `out`, return the scores."""
+    out.mkdir(parents=True, exist_ok=True)
+    scores = task.score(predictions)
+    write_atomic(out / "scores.json", json.dumps(scores, indent=2) + "\n")
+    write_atomic(out / "table.md", task.table(scores))
+    return scores
+
+
+# ---------------------------------------------------------------- run
+
+
+def evaluate(
+    task: Task,
+    model: MorphModel,
+    out: str | Path,
+    model_source: str,
+    batch_size: int = 8,
+    devices: int = 1,
+    accelerator: str = "auto",
+    num_workers: int = 0,
+) -> dict[str, Any] | None:
+    """Answer every request of `task` not yet answered in `out`, then score them all. Returns the scores
+    (None on the ranks other than 0 of a multi-device run)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    requests = task.requests()
+    ids = [r.id for r in requests]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{task.name}: request ids are not unique")
+    run = {"task": task.name, "data": str(task.data.resolve()), "model": model_source}
+    _check_run(out, run)
+    done = _stored_predictions(out)
+    pending = [r for r in requests if r.id not in done]
+    print(f"[evaluate] {task.name}: {len(requests)} items, {len(requests) - len(pending)} answered before")
+    trainer = None
+    if pending:
+        vision = model.vision
+        transforms = ImageTransforms(
+            vision.image_size, model.config.vqgan.resolution, vision.mean, vision.std
+        )
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            strategy="ddp" if devices > 1 else "auto",
+            logger=False,
+            enable_checkpointing=False,
+            default_root_dir=str(out),
+            callbacks=[JsonlPredictionWriter(out)],
+        )
+        data = RequestDataModule(pending, transforms, batch_size, num_workers)
+        trainer.predict(EvalModule(model), datamodule=data, return_predictions=False)
+        trainer.strategy.barrier()  # every rank's part is written before rank 0 merges them
+        if not trainer.is_global_zero:
+            return None
+    done = _stored_predictions(out)
+    merged = "".join(json.dumps(done[i].to_json(), ensure_ascii=False) + "\n" for i in ids if i in done)
+    write_atomic(out / PREDICTIONS, merged, keep_earlier=False)  # holds every earlier line too
+    for part in out.glob("predictions.part*.jsonl"):  # now in predictions.jsonl
+        part.unlink()
+    return write_scores(task, {i: done[i] for i in ids if i in done}, out)
