@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install -c constraints.txt
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test lint demo world-towers fit-tiny clean
+.PHONY: install test lint demo eval-demon world-towers fit-tiny clean
 
 install: $(STAMP)
 
@@ -28,6 +28,21 @@ lint: install
 # Running it again resumes where it stopped.
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning demo
+
+# DEMON (the paper's Table 3): `make eval-demon DEMON_DIR=DEMON-Core CKPT=stage3.ckpt [OUT=...]` scores a
+# model on the published benchmark; with neither set, the demo's stage-3 model on the world's own
+# DEMON-layout split (run `make demo` first). Running it again resumes; see docs/evaluation.md.
+DEMON_DIR ?=
+CKPT      ?=
+eval-demon: install
+ifeq ($(DEMON_DIR)$(CKPT),)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning evaluate demon --data data/world/demon \
+		--checkpoint runs/world/stage3/last.ckpt --out $(or $(OUT),eval_out/world_demon)
+else
+	@test -n "$(DEMON_DIR)" -a -n "$(CKPT)" || { echo "eval-demon: set both DEMON_DIR and CKPT (or neither, for the world)"; exit 2; }
+	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning evaluate demon --data $(DEMON_DIR) \
+		--checkpoint $(CKPT) --out $(or $(OUT),eval_out/demon)
+endif
 
 # The world's stage-0 towers that the demo starts from (towers/world/), trained again from scratch
 # (deterministic, about 35 min on 2 cores); prints their quality, also written to towers/world/quality.json.

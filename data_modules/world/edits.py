@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 
 from .language import article, location, noun_phrase, refer
-from .scene import CELL_NAMES, COLOURS, MAX_OBJECTS, SIZES, Obj, Scene, sample_obj
+from .scene import CELL_NAMES, COLOURS, GRID, MAX_OBJECTS, SIZES, Obj, Scene, sample_obj
 
 OPS = ("recolour", "move", "remove", "add", "resize")
 STEPS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -116,3 +116,27 @@ def sample_chain(scene: Scene, rng: random.Random, turns: int = 3, ops: tuple[st
     for _ in range(turns):
         chain.append(sample_edit(chain[-1].target if chain else scene, rng, ops))
     return chain
+
+
+def apply_rule(scene: Scene, op: str, arg: str) -> Scene | None:
+    """The same whole-scene edit for every scene (so it can be inferred from examples), or None when it
+    would leave the scene unchanged or push an object off the grid."""
+    objs = []
+    for o in scene.objects:
+        if op == "recolour":
+            objs.append(Obj(o.shape, arg, o.size, o.cell))
+        elif op == "resize":
+            objs.append(Obj(o.shape, o.colour, arg, o.cell))
+        else:  # move one cell in direction `arg`
+            col, row = o.cell[0] + STEPS[arg][0], o.cell[1] + STEPS[arg][1]
+            if not (0 <= col < GRID and 0 <= row < GRID):
+                return None
+            objs.append(Obj(o.shape, o.colour, o.size, (col, row)))
+    target = Scene(tuple(objs))
+    return None if target == scene else target
+
+
+# Whole-scene rules for in-context edits: recolour everything, resize everything, move everything.
+IN_CONTEXT_RULES = (
+    [("recolour", c) for c in COLOURS] + [("resize", s) for s in SIZES] + [("move", d) for d in STEPS]
+)

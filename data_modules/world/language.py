@@ -13,6 +13,13 @@ from .scene import CELL_NAMES, COLOURS, RELATIONS, SHAPES, Obj, Scene, holds, re
 
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# The answers a two-image question (`compare`) can have, by the kind of question.
+COMPARE_CHOICES = {
+    "both_colour": ("yes", "no"),
+    "more_objects": ("the first", "the second", "neither"),
+    "same_count": ("yes", "no"),
+    "which_has": ("the first", "the second", "both", "neither"),
+}
 QUESTION_KINDS = ("colour", "shape", "size", "count", "relation_yes_no", "relation_where", "exists")
 
 
@@ -130,3 +137,30 @@ def question(scene: Scene, rng: random.Random, kind: str | None = None) -> tuple
         q = rng.choice(("Is {} {} {}?", "Is it true that {} is {} {}?"))
         return q.format(a, rel, b), "yes" if holds(obj, other, rel) else "no"
     raise ValueError(f"unknown question kind {kind}")
+
+
+def compare(first: Scene, second: Scene, rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
+    """A question about two scenes together, its short canonical answer, and the answers it admits."""
+    kind = rng.choice(tuple(COMPARE_CHOICES))
+    choices = COMPARE_CHOICES[kind]
+    if kind == "both_colour":
+        colour = rng.choice(list(COLOURS))
+        both = all(any(o.colour == colour for o in s.objects) for s in (first, second))
+        return f"Do both images contain {article(colour)} object?", "yes" if both else "no", choices
+    if kind == "more_objects":
+        n1, n2 = len(first.objects), len(second.objects)
+        q = rng.choice(("Which image has more objects?", "Which image contains more shapes?"))
+        return q, "the first" if n1 > n2 else "the second" if n2 > n1 else "neither", choices
+    if kind == "same_count":
+        same = len(first.objects) == len(second.objects)
+        return "Do the two images show the same number of objects?", "yes" if same else "no", choices
+    # Half the time ask about an object that is present, otherwise about a random kind (mostly absent).
+    pool = [(o.shape, o.colour) for o in first.objects + second.objects]
+    shape, colour = (
+        rng.choice(pool) if rng.random() < 0.5 else (rng.choice(SHAPES), rng.choice(list(COLOURS)))
+    )
+    has = [any((o.shape, o.colour) == (shape, colour) for o in s.objects) for s in (first, second)]
+    answer = {(True, True): "both", (True, False): "the first", (False, True): "the second"}.get(
+        (has[0], has[1]), "neither"
+    )
+    return f"Which image contains {article(f'{colour} {shape}')}?", answer, choices

@@ -7,6 +7,8 @@ Two datasets, both deterministic given a seed:
 * instruction data as jsonl in the released code's format, ``OUT/instruct/{train,val}.jsonl``, images in
   ``OUT/instruct/images/`` and referenced relative to the jsonl's folder, with the paper's Appendix C.1
   templates (one literal ``<image>`` mark per input image);
+* with ``num_demon``, the world's multi-image, image-difference and in-context tasks as evaluation
+  datasets in the DEMON benchmark's layout, ``OUT/demon/<Dataset>/core/core.json`` (see ``demon.py``);
 * the world's text as a plain corpus, ``OUT/text/{train,val}.txt`` (every caption and every instruction
   conversation without its image marks, one per line), and ``OUT/tokenizer/``, a byte-level BPE learnt
   on the train corpus: the vocabulary a stage-0 LM for the world is pretrained with.
@@ -34,10 +36,12 @@ from PIL import Image
 
 from morph_lightning.modeling.text_tokenizer import train_bpe_tokenizer
 
-from .edits import STEPS, sample_chain, sample_edit
-from .language import article, caption, question
+from .demon import MAKERS as DEMON_MAKERS
+from .demon import demon_dataset
+from .edits import IN_CONTEXT_RULES, apply_rule, sample_chain, sample_edit
+from .language import caption, compare, question
 from .render import render
-from .scene import COLOURS, GRID, SHAPES, SIZES, Obj, Scene, sample_scene
+from .scene import Obj, Scene, sample_scene
 
 FORMAT_VERSION = 2
 IMAGE_MARK = "<image>"
@@ -253,35 +257,9 @@ def _vqa(rid: str, rng: random.Random, img: _Images) -> list[dict[str, Any]]:
     ]
 
 
-def _compare(first: Scene, second: Scene, rng: random.Random) -> tuple[str, str]:
-    """A question about two scenes together, with a short canonical answer."""
-    kind = rng.choice(("both_colour", "more_objects", "same_count", "which_has"))
-    if kind == "both_colour":
-        colour = rng.choice(list(COLOURS))
-        both = all(any(o.colour == colour for o in s.objects) for s in (first, second))
-        return f"Do both images contain {article(colour)} object?", "yes" if both else "no"
-    if kind == "more_objects":
-        n1, n2 = len(first.objects), len(second.objects)
-        q = rng.choice(("Which image has more objects?", "Which image contains more shapes?"))
-        return q, "the first" if n1 > n2 else "the second" if n2 > n1 else "neither"
-    if kind == "same_count":
-        same = len(first.objects) == len(second.objects)
-        return "Do the two images show the same number of objects?", "yes" if same else "no"
-    # Half the time ask about an object that is present, otherwise about a random kind (mostly absent).
-    pool = [(o.shape, o.colour) for o in first.objects + second.objects]
-    shape, colour = (
-        rng.choice(pool) if rng.random() < 0.5 else (rng.choice(SHAPES), rng.choice(list(COLOURS)))
-    )
-    has = [any((o.shape, o.colour) == (shape, colour) for o in s.objects) for s in (first, second)]
-    answer = {(True, True): "both", (True, False): "the first", (False, True): "the second"}.get(
-        (has[0], has[1]), "neither"
-    )
-    return f"Which image contains {article(f'{colour} {shape}')}?", answer
-
-
 def _multi_image(rid: str, rng: random.Random, img: _Images) -> list[dict[str, Any]]:
     first, second = sample_scene(rng), sample_scene(rng)
-    q, a = _compare(first, second, rng)
+    q, a, _ = compare(first, second, rng)
     text = _user(f"This is the first image. {IMAGE_MARK} This is the second image. {IMAGE_MARK} {q}")
     paths = [img(f"{rid}-in0", first), img(f"{rid}-in1", second)]
     return [
@@ -297,35 +275,12 @@ def _multi_image(rid: str, rng: random.Random, img: _Images) -> list[dict[str, A
     ]
 
 
-def _apply_rule(scene: Scene, op: str, arg: str) -> Scene | None:
-    """The same whole-scene edit for every scene (so it can be inferred from examples), or None when it
-    would leave the scene unchanged or push an object off the grid."""
-    objs = []
-    for o in scene.objects:
-        if op == "recolour":
-            objs.append(Obj(o.shape, arg, o.size, o.cell))
-        elif op == "resize":
-            objs.append(Obj(o.shape, o.colour, arg, o.cell))
-        else:  # move one cell in direction `arg`
-            col, row = o.cell[0] + STEPS[arg][0], o.cell[1] + STEPS[arg][1]
-            if not (0 <= col < GRID and 0 <= row < GRID):
-                return None
-            objs.append(Obj(o.shape, o.colour, o.size, (col, row)))
-    target = Scene(tuple(objs))
-    return None if target == scene else target
-
-
-IN_CONTEXT_RULES = (
-    [("recolour", c) for c in COLOURS] + [("resize", s) for s in SIZES] + [("move", d) for d in STEPS]
-)
-
-
 def _in_context(rid: str, rng: random.Random, img: _Images) -> list[dict[str, Any]]:
     op, arg = rng.choice(IN_CONTEXT_RULES)
     scenes: list[tuple[Scene, Scene]] = []
     while len(scenes) < 3:  # resample scenes the rule does not change; every rule applies to some scenes
         scene = sample_scene(rng)
-        target = _apply_rule(scene, op, arg)
+        target = apply_rule(scene, op, arg)
         if target is not None:
             scenes.append((scene, target))
     (s0, t0), (s1, t1), (query, answer) = scenes
@@ -434,6 +389,27 @@ def _write_instruct(
     return per_task, img.written | {path}
 
 
+def _write_demon(root: Path, seed: int, count: int, size: int) -> set[Path]:
+    """`count` samples of each of the world's DEMON-layout datasets (`demon.py`) under ``demon/``."""
+    written: set[Path] = set()
+    for name in DEMON_MAKERS:
+        folder = root / "demon" / name / "core"
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        img = _Images(folder, size)
+
+        def rng_for(i: int, name: str = name) -> random.Random:
+            return _rng(seed, "demon", name, i)
+
+        def image(image_id: str, scene: Scene, img: _Images = img) -> str:
+            return img(image_id, scene).removeprefix("images/")  # DEMON paths are relative to images/
+
+        body = demon_dataset(name, count, rng_for, image)
+        path = folder / "core.json"
+        _atomic_bytes(path, (json.dumps(body, indent=1) + "\n").encode("utf-8"))
+        written |= img.written | {path}
+    return written
+
+
 # ---------------------------------------------------------------- text corpus and tokenizer
 
 
@@ -479,11 +455,13 @@ def write_world(
     shard_size: int = 500,
     task_weights: dict[str, float] | None = None,
     tokenizer_vocab_size: int = 1024,
+    num_demon: int = 0,
 ) -> dict[str, Any]:
     """Write pairs and instruction data under `out_dir` and return the counts per split and task.
 
     Returns ``{"pairs": {"train": n, "val": n}, "instruct": {"train": {task: n}, "val": {task: n}},
-    "images": n}``. If ``world.json`` there already records the same settings, its counts are returned
+    "images": n}`` (and ``"demon": {dataset: n}`` with `num_demon` samples per DEMON-layout dataset).
+    If ``world.json`` there already records the same settings, its counts are returned
     and nothing is touched.
     """
     weights = dict(DEFAULT_TASK_WEIGHTS if task_weights is None else task_weights)
@@ -503,6 +481,7 @@ def write_world(
         "task_weights": {t: float(weights.get(t, 0.0)) for t in TASKS},
         "jpeg_quality": JPEG_QUALITY,
         "tokenizer_vocab_size": tokenizer_vocab_size,
+        "num_demon": num_demon,
     }
     root = Path(out_dir)
     manifest = root / "world.json"
@@ -524,9 +503,15 @@ def write_world(
         counts["instruct"][split] = per_task
         written |= files | {_write_text(root, split, seed, n_pairs)}
     written |= _write_tokenizer(root, root / "text" / "train.txt", tokenizer_vocab_size)
+    demon_images = []
+    if num_demon:
+        written |= _write_demon(root, seed, num_demon, image_size)
+        counts["demon"] = {name: num_demon for name in DEMON_MAKERS}
+        demon_images = [root / "demon" / name / "core" / "images" for name in DEMON_MAKERS]
     counts["images"] = sum(1 for p in written if p.suffix == ".jpg")
     # Files a previous run with other settings (or an interrupted one's temporaries) left behind.
-    for folder in [root / "pairs" / s for s in SPLITS] + [root / "instruct" / "images", root / "text"]:
+    kept = [root / "pairs" / s for s in SPLITS] + [root / "instruct" / "images", root / "text"] + demon_images
+    for folder in kept:
         for path in folder.iterdir():
             if path not in written:
                 path.unlink()

@@ -9,11 +9,23 @@ task's official layout where it has one, e.g. DEMON's `<dir>/<dataset>/pred.json
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from morph_lightning.evaluation.runner import evaluate, write_scores
 from morph_lightning.evaluation.tasks import TASKS, get_task
-from morph_lightning.export import load_exported, model_from_checkpoint
+from morph_lightning.export import CONFIG_FILE, load_exported, model_from_checkpoint
+
+
+def model_identity(path: str) -> str:
+    """The model's path with its size and time: a checkpoint trained again at the same path is another
+    model, whose answers must not be mixed with the earlier one's."""
+    p = Path(path).resolve()
+    stat = (p / CONFIG_FILE if p.is_dir() else p).stat() if p.exists() else None
+    if stat is None:
+        raise FileNotFoundError(f"evaluate: no model at {path}")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stat.st_mtime))
+    return f"{p} ({stat.st_size} bytes, {stamp})"
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
@@ -54,9 +66,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         scores = write_scores(task, task.read_predictions(Path(args.predictions)), Path(args.out))
     else:
         if args.checkpoint:
-            model, source = model_from_checkpoint(args.checkpoint), str(Path(args.checkpoint).resolve())
+            source = model_identity(args.checkpoint)
+            model = model_from_checkpoint(args.checkpoint)
         else:
-            model, source = load_exported(args.export, form=args.form), str(Path(args.export).resolve())
+            source = model_identity(args.export)
+            model = load_exported(args.export, form=args.form)
         scores = evaluate(
             task, model, args.out, source, args.batch_size, args.devices, args.accelerator, args.num_workers
         )

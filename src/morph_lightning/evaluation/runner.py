@@ -166,27 +166,42 @@ def write_atomic(path: Path, text: str, keep_earlier: bool = True) -> None:
     os.replace(tmp, path)
 
 
-def _stored_predictions(out: Path) -> dict[str, Prediction]:
-    """Everything answered so far in `out`: the merged file and any parts of an interrupted run."""
+def _merge(out: Path, ids: list[str]) -> dict[str, Prediction]:
+    """Everything answered so far in `out` (the merged file and the parts of an interrupted run, whose
+    last line may be torn) rewritten as one `predictions.jsonl`, in the task's order (lines for other
+    ids after them, kept), the parts then removed; returns it."""
     done: dict[str, Prediction] = {}
-    for path in [out / PREDICTIONS, *sorted(out.glob("predictions.part*.jsonl"))]:
+    parts = sorted(out.glob("predictions.part*.jsonl"))
+    for path in [out / PREDICTIONS, *parts]:
         if path.exists():
             done |= read_predictions_jsonl(path)
+    order = [i for i in ids if i in done] + [i for i in done if i not in set(ids)]
+    text = "".join(json.dumps(done[i].to_json(), ensure_ascii=False) + "\n" for i in order)
+    write_atomic(out / PREDICTIONS, text, keep_earlier=False)  # holds every earlier line too
+    for part in parts:
+        part.unlink()
     return done
 
 
 def _check_run(out: Path, run: dict[str, Any]) -> None:
-    """`out` holds this run's files or none: predictions of another task, data or model stop here."""
+    """`out` holds this run's files or none: the files of a run with another task, data or model (a
+    retrained checkpoint, say) are moved into `out/earlier-<time>/` first, so nothing stale is resumed
+    and nothing is lost."""
     path = out / RUN_FILE
     if path.exists():
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        if earlier != run:
-            diff = ", ".join(
-                f"{k}: {earlier.get(k)!r} -> {v!r}" for k, v in run.items() if earlier.get(k) != v
-            )
-            raise ValueError(f"{out} holds another run's predictions ({diff}); give another --out")
-    else:
-        write_atomic(path, json.dumps(run, indent=2) + "\n")
+        if earlier == run:
+            return
+        aside = out / time.strftime("earlier-%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        aside.mkdir()
+        for name in [RUN_FILE, PREDICTIONS, "scores.json", "table.md"]:
+            if (out / name).exists():
+                os.replace(out / name, aside / name)
+        for part in out.glob("predictions.part*.jsonl"):
+            os.replace(part, aside / part.name)
+        changed = ", ".join(k for k in run if earlier.get(k) != run[k])
+        print(f"[evaluate] {out} held a run with another {changed}: its files are now in {aside}")
+    write_atomic(path, json.dumps(run, indent=2) + "\n")
 
 
 def write_scores(task: Task, predictions: dict[str, Prediction], out: Path) -> dict[str, Any]:
@@ -210,9 +225,11 @@ def evaluate(
     devices: int = 1,
     accelerator: str = "auto",
     num_workers: int = 0,
+    strategy: str = "ddp",
 ) -> dict[str, Any] | None:
     """Answer every request of `task` not yet answered in `out`, then score them all. Returns the scores
-    (None on the ranks other than 0 of a multi-device run)."""
+    (None on the ranks other than 0 of a multi-device run). `strategy` is Lightning's, for `devices` > 1:
+    each device answers its share of the requests (Lightning's distributed sampler)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     requests = task.requests()
@@ -221,10 +238,11 @@ def evaluate(
         raise ValueError(f"{task.name}: request ids are not unique")
     run = {"task": task.name, "data": str(task.data.resolve()), "model": model_source}
     _check_run(out, run)
-    done = _stored_predictions(out)
+    # A new part must not continue a torn line of an interrupted one. (Under DDP's script launcher every
+    # rank runs this before joining the process group, so rank 0 writes no part before they are done.)
+    done = _merge(out, ids)
     pending = [r for r in requests if r.id not in done]
     print(f"[evaluate] {task.name}: {len(requests)} items, {len(requests) - len(pending)} answered before")
-    trainer = None
     if pending:
         vision = model.vision
         transforms = ImageTransforms(
@@ -233,7 +251,7 @@ def evaluate(
         trainer = L.Trainer(
             accelerator=accelerator,
             devices=devices,
-            strategy="ddp" if devices > 1 else "auto",
+            strategy=strategy if devices > 1 else "auto",
             logger=False,
             enable_checkpointing=False,
             default_root_dir=str(out),
@@ -244,9 +262,5 @@ def evaluate(
         trainer.strategy.barrier()  # every rank's part is written before rank 0 merges them
         if not trainer.is_global_zero:
             return None
-    done = _stored_predictions(out)
-    merged = "".join(json.dumps(done[i].to_json(), ensure_ascii=False) + "\n" for i in ids if i in done)
-    write_atomic(out / PREDICTIONS, merged, keep_earlier=False)  # holds every earlier line too
-    for part in out.glob("predictions.part*.jsonl"):  # now in predictions.jsonl
-        part.unlink()
+        done = _merge(out, ids)
     return write_scores(task, {i: done[i] for i in ids if i in done}, out)

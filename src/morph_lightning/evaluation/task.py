@@ -116,11 +116,11 @@ def read_predictions_jsonl(path: Path) -> dict[str, Prediction]:
     return out
 
 
-def markdown_table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
-    """A markdown table; floats with one decimal, as the paper prints them."""
+def markdown_table(header: Iterable[str], rows: Iterable[Iterable[Any]], digits: int = 1) -> str:
+    """A markdown table; floats with `digits` decimals (one, as the paper prints its x100 scores)."""
 
     def cell(v: Any) -> str:
-        return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+        return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
     header = list(header)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

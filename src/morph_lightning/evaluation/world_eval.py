@@ -5,6 +5,7 @@ scores them against the scenes the writer recorded:
 
 * caption: caption_scores of the text vs the scene; baseline: another record's caption.
 * vqa / multi_image: exact match; baseline: the majority training answer of the same task.
+  (These two are `tasks.world_text.text_metrics`, which the `world-text` evaluation task scores with.)
 * every text task also gets `answer_nll`, the reference answer's NLL per token with the record's own
   images (model) and with another record's (baseline): the two agree when the model ignores its images,
   however well its answers score on the language prior (`answer_likelihood`).
@@ -51,13 +52,9 @@ from morph_lightning.data_modules.world.scene import BACKGROUND, Scene
 from morph_lightning.data_modules.world.writer import scene_from_json
 from morph_lightning.evaluation.answer_likelihood import answer_nll
 from morph_lightning.evaluation.perceptual import LPIPSDistance, load_lpips
-from morph_lightning.evaluation.world_metrics import (
-    caption_scores,
-    edit_scores,
-    majority_answer_baseline,
-    pixel_l1,
-    vqa_exact_match,
-)
+from morph_lightning.evaluation.tasks.world_text import text_metrics
+from morph_lightning.evaluation.tasks.world_text import train_answers as read_train_answers
+from morph_lightning.evaluation.world_metrics import edit_scores, pixel_l1
 from morph_lightning.generation import generate
 from morph_lightning.modeling.model import MorphModel
 from morph_lightning.modeling.sequence import ImageRef, Piece, Sample, shift_refs
@@ -304,25 +301,9 @@ def _text_task(
     outputs = _generate(model, [(it.prompt, [images(p).vision for p in it.inputs]) for it in items], False, s)
     texts = [t for t, _ in outputs]
     answers = [it.meta["output_text"] for it in items]
-    if task == "caption":  # scored by what it says about the scene; other text tasks by exact match
-        rows = []
-        for text, answer, it in zip(texts, answers, items, strict=True):
-            scene = scene_from_json(it.meta["scene_in"])
-            # Another record's caption: fluent, in the world's words, but about a different image.
-            others = [c for c in captions if c != answer]
-            other = rng.choice(others) if others else ""
-            rows.append(
-                _prefixed("model", caption_scores(text, scene))
-                | _prefixed("baseline", caption_scores(other, scene))
-            )
-        metrics = _mean(rows)
-    else:
-        if not train_answers:
-            log.warning("no training answers for %s: the majority baseline uses the evaluated ones", task)
-        metrics = {
-            "model/exact_match": vqa_exact_match(texts, answers),
-            "baseline/exact_match": majority_answer_baseline(train_answers or answers, answers),
-        }
+    if task != "caption" and not train_answers:
+        log.warning("no training answers for %s: the majority baseline uses the evaluated ones", task)
+    metrics = text_metrics(task, texts, [it.meta for it in items], captions, train_answers, rng)
     metrics |= _image_reliance(items, model, images, s)
     examples = [
         Example(_prompt_text(it.prompt), t, a, images(it.inputs[-1]).image if it.inputs else None, None, None)
@@ -435,16 +416,6 @@ def _chains(items: list[_Item], images: _Images, limit: int) -> list[list[_Item]
     return chains
 
 
-def _train_answers(path: Path) -> dict[str, list[str]]:
-    answers: dict[str, list[str]] = defaultdict(list)
-    if path.exists():
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip() and (meta := json.loads(line)).get("output_text") is not None:
-                    answers[meta["task"]].append(meta["output_text"])
-    return answers
-
-
 def evaluate_world(
     model: MorphModel,
     world_dir: str | Path,
@@ -465,7 +436,7 @@ def evaluate_world(
     by_task: dict[str, list[_Item]] = defaultdict(list)
     for item in _read(root / f"{split}.jsonl"):
         by_task[item.meta["task"]].append(item)
-    train_answers = _train_answers(root / "train.jsonl")
+    train_answers = read_train_answers(root / "train.jsonl")
     distance, reason = load_lpips()
     if reason:
         log.warning("%s", reason)

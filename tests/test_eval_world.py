@@ -1,0 +1,66 @@
+"""The world as evaluation data: its text tasks as the `world-text` task, and its DEMON-layout split."""
+
+import json
+
+import pytest
+
+from morph_lightning.data_modules.world.demon import MAKERS
+from morph_lightning.data_modules.world.writer import write_world
+from morph_lightning.evaluate import main as evaluate_main
+from morph_lightning.evaluation.runner import evaluate
+from morph_lightning.evaluation.tasks.world_text import WorldText
+
+SMALL = {"num_pairs": 8, "num_val_pairs": 4, "num_instruct": 30, "num_val_instruct": 60}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, num_demon=12, **SMALL)
+    return root
+
+
+def test_the_demon_split_is_in_demons_layout(world):
+    for name in MAKERS:
+        body = json.loads((world / "demon" / name / "core" / "core.json").read_text())
+        meta, data = body["metadata"], body["data"]
+        assert meta["dataset"] == name and meta["split"] == "core" and meta["num_sample"] == len(data) == 12
+        assert meta["question_type"] in ("open-ended", "multi-choice") and meta["task_instruction"]
+        for item in data:
+            instance = item["task_instance"]
+            assert 0 <= item["task_instruction_id"] < len(meta["task_instruction"])
+            marks = [f"{{image#{k}}}" for k in range(1, len(instance["images_path"]) + 1)]
+            assert all(mark in instance["context"] for mark in marks)
+            assert all(
+                (world / "demon" / name / "core" / "images" / p).exists() for p in instance["images_path"]
+            )
+            if "choice_list" in instance:
+                assert item["response"] in instance["choice_list"]
+    in_context = json.loads((world / "demon" / "World_InContext" / "core" / "core.json").read_text())["data"]
+    assert {item["response"] for item in in_context} <= {"Image A", "Image B", "Image C", "Image D"}
+
+
+def test_the_demon_split_leaves_the_training_data_as_it_was(world, tmp_path):
+    write_world(tmp_path, **SMALL)
+    for path in ("instruct/train.jsonl", "instruct/val.jsonl", "text/train.txt"):
+        assert (tmp_path / path).read_text() == (world / path).read_text()
+
+
+def test_world_text_scores_exactly(world, tmp_path):
+    task = WorldText(world)
+    vqa = task.records["vqa"]
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"id": r["id"], "text": r["output_text"]}) + "\n" for r in vqa))
+    scores = evaluate_main(
+        ["world-text", "--data", str(world), "--predictions", str(preds), "--out", str(tmp_path / "o")]
+    )
+    assert scores["vqa"]["model/exact_match"] == 1.0 and scores["vqa"]["n"] == len(vqa)
+    assert scores["multi_image"]["model/exact_match"] == 0.0  # no predictions: empty answers
+    assert json.loads((tmp_path / "o" / "scores.json").read_text()) == scores
+
+
+def test_world_text_runs_a_model_end_to_end(world, tmp_path, tiny_eval_model):
+    scores = evaluate(WorldText(world, limit=2), tiny_eval_model, tmp_path / "o", "tiny")
+    assert set(scores) == {"caption", "vqa", "multi_image"}
+    assert all(s["n"] == 2 for s in scores.values())
+    assert len((tmp_path / "o" / "predictions.jsonl").read_text().splitlines()) == 6
