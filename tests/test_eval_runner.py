@@ -102,6 +102,25 @@ def test_another_model_sets_the_earlier_run_aside(toy_data, tiny_eval_model):
     assert json.loads((out / "run.json").read_text())["model"] == "model B"
 
 
+def test_answers_to_other_prompts_are_not_resumed(toy_data, tiny_eval_model):
+    class LongerToy(Toy):  # the same ids, asked with another decoding setting (a task option, say)
+        def requests(self) -> list[Request]:
+            return [
+                Request(r.id, r.prompt, r.images, r.choices, max_new_tokens=6) for r in super().requests()
+            ]
+
+    out = toy_data / "out"
+    evaluate(Toy(toy_data, limit=3), tiny_eval_model, out, "tiny")
+    first = (out / "predictions.jsonl").read_text()
+    evaluate(LongerToy(toy_data, limit=3), tiny_eval_model, out, "tiny")
+    (aside,) = out.glob("earlier-*")
+    assert (aside / "predictions.jsonl").read_text() == first
+    fresh = read_predictions_jsonl(out / "predictions.jsonl")
+    assert {p.request for p in fresh.values()} == {
+        r.fingerprint() for r in LongerToy(toy_data, limit=3).requests()
+    }
+
+
 def test_two_processes_share_the_items_and_their_parts_are_merged(toy_data, tiny_eval_model):
     out = toy_data / "out"
     evaluate(

@@ -1,6 +1,7 @@
 """The world as evaluation data: its text tasks as the `world-text` task, and its DEMON-layout split."""
 
 import json
+import shutil
 
 import pytest
 
@@ -8,6 +9,7 @@ from morph_lightning.data_modules.world.demon import MAKERS
 from morph_lightning.data_modules.world.writer import write_world
 from morph_lightning.evaluate import main as evaluate_main
 from morph_lightning.evaluation.runner import evaluate
+from morph_lightning.evaluation.tasks.demon import Demon
 from morph_lightning.evaluation.tasks.world_text import WorldText
 
 SMALL = {"num_pairs": 8, "num_val_pairs": 4, "num_instruct": 30, "num_val_instruct": 60}
@@ -64,3 +66,26 @@ def test_world_text_runs_a_model_end_to_end(world, tmp_path, tiny_eval_model):
     assert set(scores) == {"caption", "vqa", "multi_image"}
     assert all(s["n"] == 2 for s in scores.values())
     assert len((tmp_path / "o" / "predictions.jsonl").read_text().splitlines()) == 6
+
+
+def test_demon_reads_the_worlds_categories_and_image_choices(world, tmp_path, tiny_eval_model):
+    task = Demon(world / "demon")
+    kinds = {d.name: (d.category, task._kind(d)) for d in task.datasets}
+    assert kinds == {
+        "World_MultiImage": ("MMR", "multi-choice"),
+        "World_ImageDiff": ("VRI", "open-ended"),
+        "World_InContext": ("MMC", "image-choice"),
+    }
+    scores = evaluate(Demon(world / "demon", limit=2), tiny_eval_model, tmp_path / "o", "tiny")
+    assert list(scores["categories"]) == ["VRI", "MMC", "MMR"]  # Table 3's order
+    assert "| this model | - | - |" in (tmp_path / "o" / "table.md").read_text()
+
+
+def test_an_unknown_category_in_the_metadata_is_named(world, tmp_path):
+    shutil.copytree(world / "demon" / "World_ImageDiff", tmp_path / "Mine")
+    path = tmp_path / "Mine" / "core" / "core.json"
+    body = json.loads(path.read_text())
+    body["metadata"]["category"] = "poetry"
+    path.write_text(json.dumps(body))
+    with pytest.raises(ValueError, match="unknown category 'poetry'"):
+        Demon(tmp_path)

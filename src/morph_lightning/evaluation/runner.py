@@ -6,7 +6,9 @@ data-parallel (DDP) with Lightning's progress bar. Each rank appends its predict
 batch in flight: run the same command again and only the missing items are answered. At the end the
 parts are merged into `predictions.jsonl` (in the task's order) and `scores.json` and `table.md` are
 written; every file is written whole under a temporary name and renamed into place, and a file an
-earlier run wrote is moved aside with a timestamp rather than replaced when it would change.
+earlier run wrote is moved aside with a timestamp rather than replaced when it would change. Stored
+answers are resumed only for the same task, data and model (`run.json`) and the same requests (each
+prediction carries its request's fingerprint); otherwise the earlier run moves to `earlier-<time>/`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ RUN_FILE = "run.json"
 # ---------------------------------------------------------------- data
 
 
-class _Loaded:
+def image_transforms(model: MorphModel) -> ImageTransforms:
+    """The model's own image preprocessing (the vision tower's size, mean and std)."""
+    vision = model.vision
+    return ImageTransforms(vision.image_size, model.config.vqgan.resolution, vision.mean, vision.std)
+
+
+class LoadedRequest:
     """One request with its images read for the vision tower, or the reason they could not be."""
 
     def __init__(self, request: Request, pixels: list[torch.Tensor], error: str | None) -> None:
@@ -54,14 +62,14 @@ class _RequestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.requests)
 
-    def __getitem__(self, i: int) -> _Loaded:
+    def __getitem__(self, i: int) -> LoadedRequest:
         request = self.requests[i]
         try:
             images = [load_image(src if isinstance(src, str) else src()) for src in request.images]
         except BadImage as bad:
             log.warning("%s: unreadable image (%s), scored as unanswered", request.id, bad)
-            return _Loaded(request, [], f"unreadable image: {bad}")
-        return _Loaded(request, [self.transforms(img)[0] for img in images], None)
+            return LoadedRequest(request, [], f"unreadable image: {bad}")
+        return LoadedRequest(request, [self.transforms(img)[0] for img in images], None)
 
 
 class RequestDataModule(L.LightningDataModule):
@@ -92,14 +100,14 @@ class EvalModule(L.LightningModule):
         super().__init__()
         self.model = model
 
-    def predict_step(self, batch: list[_Loaded], batch_idx: int) -> list[Prediction]:
+    def predict_step(self, batch: list[LoadedRequest], batch_idx: int) -> list[Prediction]:
         self.model.eval()
         out: dict[str, Prediction] = {}
-        generate: dict[tuple, list[_Loaded]] = defaultdict(list)
+        generate: dict[tuple, list[LoadedRequest]] = defaultdict(list)
         for item in batch:
             r = item.request
             if item.error is not None:
-                out[r.id] = Prediction(r.id, error=item.error)
+                out[r.id] = Prediction(r.id, error=item.error, request=r.fingerprint())
             elif r.choices is not None:
                 out[r.id] = self._rank(item)
             else:
@@ -119,10 +127,11 @@ class EvalModule(L.LightningModule):
                 length_penalty=penalty,
             )
             for item, text in zip(items, texts, strict=True):
-                out[item.request.id] = Prediction(item.request.id, text=text.strip())
+                r = item.request
+                out[r.id] = Prediction(r.id, text=text.strip(), request=r.fingerprint())
         return [out[item.request.id] for item in batch]
 
-    def _rank(self, item: _Loaded) -> Prediction:
+    def _rank(self, item: LoadedRequest) -> Prediction:
         r = item.request
         prompt = prompt_pieces(r.prompt)
         # A choice follows "ASSISTANT:" after a space, as training renders answers (`build_record`).
@@ -134,6 +143,7 @@ class EvalModule(L.LightningModule):
             text=r.choices[best],
             choice_logprobs=[c.logprob for c in scored],
             choice_tokens=[c.tokens for c in scored],
+            request=r.fingerprint(),
         )
 
 
@@ -183,25 +193,38 @@ def _merge(out: Path, ids: list[str]) -> dict[str, Prediction]:
     return done
 
 
-def _check_run(out: Path, run: dict[str, Any]) -> None:
-    """`out` holds this run's files or none: the files of a run with another task, data or model (a
-    retrained checkpoint, say) are moved into `out/earlier-<time>/` first, so nothing stale is resumed
-    and nothing is lost."""
+def _set_aside(out: Path, why: str) -> None:
+    """Move an earlier run's files into `out/earlier-<time>/`: nothing stale is resumed, nothing lost."""
+    stamp = (out / RUN_FILE).stat().st_mtime if (out / RUN_FILE).exists() else time.time()
+    aside = out / time.strftime("earlier-%Y%m%d-%H%M%S", time.localtime(stamp))
+    while aside.exists():  # set aside twice within a second
+        aside = aside.with_name(aside.name + "+")
+    aside.mkdir()
+    for path in [out / RUN_FILE, out / PREDICTIONS, out / "scores.json", out / "table.md"]:
+        if path.exists():
+            os.replace(path, aside / path.name)
+    for part in out.glob("predictions.part*.jsonl"):
+        os.replace(part, aside / part.name)
+    print(f"[evaluate] {out} held a run with {why}: its files are now in {aside}")
+
+
+def _resumable(out: Path, run: dict[str, Any], requests: list[Request]) -> dict[str, Prediction]:
+    """The answers stored in `out` that this run can keep. A run of another task, data or model (a
+    checkpoint trained again, say), or whose stored answers were asked otherwise (a task option that
+    changes prompts or decoding), is set aside whole."""
     path = out / RUN_FILE
-    if path.exists():
-        earlier = json.loads(path.read_text(encoding="utf-8"))
-        if earlier == run:
-            return
-        aside = out / time.strftime("earlier-%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        aside.mkdir()
-        for name in [RUN_FILE, PREDICTIONS, "scores.json", "table.md"]:
-            if (out / name).exists():
-                os.replace(out / name, aside / name)
-        for part in out.glob("predictions.part*.jsonl"):
-            os.replace(part, aside / part.name)
-        changed = ", ".join(k for k in run if earlier.get(k) != run[k])
-        print(f"[evaluate] {out} held a run with another {changed}: its files are now in {aside}")
+    if path.exists() and (earlier := json.loads(path.read_text(encoding="utf-8"))) != run:
+        _set_aside(out, "another " + ", ".join(k for k in run if earlier.get(k) != run[k]))
+    ids = [r.id for r in requests]
+    # A new part must not continue a torn line of an interrupted one. (Under DDP's script launcher every
+    # rank runs this before joining the process group, so rank 0 writes no part before they are done.)
+    done = _merge(out, ids)
+    asked = {r.id: r.fingerprint() for r in requests}
+    if any(p.request not in (None, asked[i]) for i, p in done.items() if i in asked):
+        _set_aside(out, "answers to other prompts or decoding settings (another task option)")
+        done = {}
     write_atomic(path, json.dumps(run, indent=2) + "\n")
+    return done
 
 
 def write_scores(task: Task, predictions: dict[str, Prediction], out: Path) -> dict[str, Any]:
@@ -237,17 +260,10 @@ def evaluate(
     if len(set(ids)) != len(ids):
         raise ValueError(f"{task.name}: request ids are not unique")
     run = {"task": task.name, "data": str(task.data.resolve()), "model": model_source}
-    _check_run(out, run)
-    # A new part must not continue a torn line of an interrupted one. (Under DDP's script launcher every
-    # rank runs this before joining the process group, so rank 0 writes no part before they are done.)
-    done = _merge(out, ids)
+    done = _resumable(out, run, requests)
     pending = [r for r in requests if r.id not in done]
     print(f"[evaluate] {task.name}: {len(requests)} items, {len(requests) - len(pending)} answered before")
     if pending:
-        vision = model.vision
-        transforms = ImageTransforms(
-            vision.image_size, model.config.vqgan.resolution, vision.mean, vision.std
-        )
         trainer = L.Trainer(
             accelerator=accelerator,
             devices=devices,
@@ -257,7 +273,7 @@ def evaluate(
             default_root_dir=str(out),
             callbacks=[JsonlPredictionWriter(out)],
         )
-        data = RequestDataModule(pending, transforms, batch_size, num_workers)
+        data = RequestDataModule(pending, image_transforms(model), batch_size, num_workers)
         trainer.predict(EvalModule(model), datamodule=data, return_predictions=False)
         trainer.strategy.barrier()  # every rank's part is written before rank 0 merges them
         if not trainer.is_global_zero:

@@ -10,6 +10,7 @@ another model's predictions (written in the same jsonl, or a task's own official
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -42,6 +43,13 @@ class Request:
                 f"{len(self.images)} images"
             )
 
+    def fingerprint(self) -> str:
+        """A digest of what is asked and how (prompt, images, choices, decoding): an answer stored for
+        this id is this request's answer only if the digests agree (a task option may change them)."""
+        what = [self.prompt, [str(src) for src in self.images], self.choices]
+        what += [self.max_new_tokens, self.min_new_tokens, self.num_beams, self.length_penalty]
+        return hashlib.sha1(json.dumps(what).encode("utf-8")).hexdigest()[:16]
+
 
 @dataclass
 class Prediction:
@@ -51,6 +59,7 @@ class Prediction:
     choice_logprobs: list[float] | None = None
     choice_tokens: list[int] | None = None
     error: str | None = None  # why the item could not be answered (an unreadable image); scored as wrong
+    request: str | None = None  # the answered request's `fingerprint` (the runner's predictions)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -59,7 +68,9 @@ class Prediction:
     def from_json(cls, obj: dict[str, Any], where: str) -> Prediction:
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str | int):
             raise ValueError(f"{where}: a prediction needs an 'id' (and 'text'), got {obj!r:.120}")
-        known = {k: obj[k] for k in ("text", "choice_logprobs", "choice_tokens", "error") if k in obj}
+        known = {
+            k: obj[k] for k in ("text", "choice_logprobs", "choice_tokens", "error", "request") if k in obj
+        }
         return cls(id=str(obj["id"]), **known)
 
 
