@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from morph_lightning.modeling.encoder import EncoderOutput
 from morph_lightning.modeling.model import GenerationOutput, MorphModel
 from morph_lightning.modeling.sampling import sample_next
-from morph_lightning.modeling.sequence import Sample, build_sequences
+from morph_lightning.modeling.sequence import Sample, SequenceBatch, build_sequences
 
 IMAGE_MARK = "<image>"
 
@@ -28,6 +29,21 @@ def _allowed_mask(model: MorphModel, in_image: torch.Tensor, count: torch.Tensor
     allowed = torch.where(in_image.unsqueeze(1), image_mode.unsqueeze(0), text_mode.unsqueeze(0))
     only_close = (ids == v.img_end).unsqueeze(0).expand_as(allowed)
     return torch.where((in_image & full).unsqueeze(1), only_close, allowed)
+
+
+def prompt_batch(
+    model: MorphModel, prompts: list[Sample], vision_pixels: torch.Tensor | None
+) -> tuple[SequenceBatch, EncoderOutput | None]:
+    """The prompts as left-padded rows (each row's next token at the last position), on the model's
+    device, and the encoder's output for their images (None without images)."""
+    device = model.llm.new_head.weight.device
+    if vision_pixels is not None and len(vision_pixels):
+        enc = model.encode_images(vision_pixels.to(device))
+        codes = enc.ids
+    else:
+        enc, codes = None, torch.zeros(0, model.num_tokens, dtype=torch.long)
+    batch = build_sequences(prompts, codes, model.vocab, model.llm.tokenizer, pad_left=True, add_eos=False)
+    return batch.to(device), enc
 
 
 @torch.no_grad()
@@ -46,12 +62,7 @@ def generate(
     """Continue each prompt (its `answer` empty); images in prompts index into `vision_pixels`."""
     v, tok = model.vocab, model.llm.tokenizer
     device = model.llm.new_head.weight.device
-    if vision_pixels is not None and len(vision_pixels):
-        enc = model.encode_images(vision_pixels.to(device))
-        codes = enc.ids
-    else:
-        enc, codes = None, torch.zeros(0, model.num_tokens, dtype=torch.long)
-    batch = build_sequences(prompts, codes, v, tok, pad_left=True, add_eos=False).to(device)
+    batch, enc = prompt_batch(model, prompts, vision_pixels)
     out = model.llm(
         model.llm.embed(batch.input_ids, model.morph_vectors(batch, enc)),
         attention_mask=batch.attention_mask,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from morph_lightning.generation import prompt_batch
 from morph_lightning.modeling.model import MorphModel
-from morph_lightning.modeling.sequence import Sample, build_sequences
+from morph_lightning.modeling.sequence import Sample
 
 
 @torch.no_grad()
@@ -27,13 +28,7 @@ def generate_text(
 ) -> list[str]:
     """Continue each prompt (ImageRefs index `vision_pixels`) with text; returns the new text only."""
     tok, hf = model.llm.tokenizer, model.llm.hf
-    device = model.llm.new_head.weight.device
-    if vision_pixels is not None and len(vision_pixels):
-        enc = model.encode_images(vision_pixels.to(device))
-        codes = enc.ids
-    else:
-        enc, codes = None, torch.zeros(0, model.num_tokens, dtype=torch.long)
-    batch = build_sequences(prompts, codes, model.vocab, tok, pad_left=True, add_eos=False).to(device)
+    batch, enc = prompt_batch(model, prompts, vision_pixels)
     embeds = model.llm.embed(batch.input_ids, model.morph_vectors(batch, enc))
     rows = hf.get_output_embeddings().weight.shape[0]
     out = hf.generate(
