@@ -274,9 +274,14 @@ def evaluate(
             callbacks=[JsonlPredictionWriter(out)],
         )
         data = RequestDataModule(pending, image_transforms(model), batch_size, num_workers)
+        start = time.perf_counter()
         trainer.predict(EvalModule(model), datamodule=data, return_predictions=False)
         trainer.strategy.barrier()  # every rank's part is written before rank 0 merges them
         if not trainer.is_global_zero:
             return None
+        seconds = time.perf_counter() - start
+        print(
+            f"[evaluate] answered {len(pending)} items in {seconds:.1f} s ({100 * seconds / len(pending):.1f} s per 100)"
+        )
         done = _merge(out, ids)
     return write_scores(task, {i: done[i] for i in ids if i in done}, out)
