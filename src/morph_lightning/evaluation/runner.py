@@ -280,8 +280,7 @@ def evaluate(
         if not trainer.is_global_zero:
             return None
         seconds = time.perf_counter() - start
-        print(
-            f"[evaluate] answered {len(pending)} items in {seconds:.1f} s ({100 * seconds / len(pending):.1f} s per 100)"
-        )
+        per_100 = 100 * seconds / len(pending)
+        print(f"[evaluate] answered {len(pending)} items in {seconds:.1f} s ({per_100:.1f} s per 100)")
         done = _merge(out, ids)
     return write_scores(task, {i: done[i] for i in ids if i in done}, out)
