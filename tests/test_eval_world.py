@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from morph_lightning.data_modules.instruct import read_jsonl
 from morph_lightning.data_modules.world.demon import MAKERS
 from morph_lightning.data_modules.world.writer import write_world
 from morph_lightning.evaluate import main as evaluate_main
@@ -18,7 +19,7 @@ SMALL = {"num_pairs": 8, "num_val_pairs": 4, "num_instruct": 30, "num_val_instru
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    write_world(root, num_demon=12, **SMALL)
+    write_world(root, num_demon=12, num_demon_train=4, **SMALL)
     return root
 
 
@@ -46,6 +47,24 @@ def test_the_demon_split_leaves_the_training_data_as_it_was(world, tmp_path):
     write_world(tmp_path, **SMALL)
     for path in ("instruct/train.jsonl", "instruct/val.jsonl", "text/train.txt"):
         assert (tmp_path / path).read_text() == (world / path).read_text()
+
+
+def test_the_demon_training_records_ask_as_the_demon_task_does(world):
+    records = read_jsonl(str(world / "instruct" / "demon_train.jsonl"))  # the stage-3 reader takes them
+    assert len(records) == 4 * len(MAKERS)
+    lines = [json.loads(line) for line in (world / "instruct" / "demon_train.jsonl").read_text().splitlines()]
+    asked = {r.prompt for r in Demon(world / "demon").requests()}
+    for line in lines:
+        body = json.loads((world / "demon" / line["dataset"] / "core" / "core.json").read_text())
+        instructions = body["metadata"]["task_instruction"]
+        assert line["input_text"].startswith("USER: ") and any(i in line["input_text"] for i in instructions)
+        if line["dataset"] == "World_MultiImage":
+            assert "Choice list:['" in line["input_text"] and line["input_text"].endswith(
+                "Your answer is: ASSISTANT:"
+            )
+    # the same prompt format: a training record rebuilt through the evaluation task reads the same
+    demon_text = next(line for line in lines if line["dataset"] == "World_MultiImage")["input_text"]
+    assert any(p.split("Question:")[0] == demon_text.split("Question:")[0] for p in asked)
 
 
 def test_world_text_scores_exactly(world, tmp_path):

@@ -8,7 +8,9 @@ Two datasets, both deterministic given a seed:
   ``OUT/instruct/images/`` and referenced relative to the jsonl's folder, with the paper's Appendix C.1
   templates (one literal ``<image>`` mark per input image);
 * with ``num_demon``, the world's multi-image, image-difference and in-context tasks as evaluation
-  datasets in the DEMON benchmark's layout, ``OUT/demon/<Dataset>/core/core.json`` (see ``demon.py``);
+  datasets in the DEMON benchmark's layout, ``OUT/demon/<Dataset>/core/core.json`` (see ``demon.py``),
+  and with ``num_demon_train`` other samples of them as instruction records in DEMON's prompt format,
+  ``OUT/instruct/demon_train.jsonl``;
 * the world's text as a plain corpus, ``OUT/text/{train,val}.txt`` (every caption and every instruction
   conversation without its image marks, one per line), and ``OUT/tokenizer/``, a byte-level BPE learnt
   on the train corpus: the vocabulary a stage-0 LM for the world is pretrained with.
@@ -34,6 +36,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from morph_lightning.data_modules.sources.demon import build_prompt
 from morph_lightning.modeling.text_tokenizer import train_bpe_tokenizer
 
 from .demon import MAKERS as DEMON_MAKERS
@@ -410,6 +413,41 @@ def _write_demon(root: Path, seed: int, count: int, size: int) -> set[Path]:
     return written
 
 
+def _write_demon_train(root: Path, seed: int, count: int, size: int) -> set[Path]:
+    """`count` other samples of each DEMON-layout dataset as instruction records,
+    ``instruct/demon_train.jsonl``, each prompt as DEMON's runner writes it (`build_prompt`): the world's
+    stage 3 learns DEMON's formats from them. They stay out of the text corpus the stage-0 LM and the
+    tokenizer learnt from, so the shipped towers fit the world either way."""
+    folder = root / "instruct"
+    img = _Images(folder, size)
+    lines = []
+    for name in DEMON_MAKERS:
+
+        def rng_for(i: int, name: str = name) -> random.Random:
+            return _rng(seed, "demon_train", name, i)
+
+        def image(image_id: str, scene: Scene, name: str = name) -> str:
+            return img(f"demon-{name}-{image_id}", scene)
+
+        body = demon_dataset(name, count, rng_for, image)
+        instructions = body["metadata"]["task_instruction"]
+        for sample in body["data"]:
+            instance = sample["task_instance"]
+            paths = instance["images_path"]
+            instruction = instructions[sample["task_instruction_id"]]
+            text, order = build_prompt(
+                instruction, instance["context"], instance.get("choice_list"), len(paths)
+            )
+            rid = f"train-demon-{name}-{sample['sample_id']:05d}"
+            record = _record(
+                rid, "demon", [paths[k] for k in order], _user(text), output_text=sample["response"]
+            )
+            lines.append(_dumps(record | {"dataset": name}) + "\n")
+    path = folder / "demon_train.jsonl"
+    _atomic_bytes(path, "".join(lines).encode("utf-8"))
+    return img.written | {path}
+
+
 # ---------------------------------------------------------------- text corpus and tokenizer
 
 
@@ -456,11 +494,13 @@ def write_world(
     task_weights: dict[str, float] | None = None,
     tokenizer_vocab_size: int = 1024,
     num_demon: int = 0,
+    num_demon_train: int = 0,
 ) -> dict[str, Any]:
     """Write pairs and instruction data under `out_dir` and return the counts per split and task.
 
     Returns ``{"pairs": {"train": n, "val": n}, "instruct": {"train": {task: n}, "val": {task: n}},
-    "images": n}`` (and ``"demon": {dataset: n}`` with `num_demon` samples per DEMON-layout dataset).
+    "images": n}`` (and ``"demon": {dataset: n}`` with `num_demon` samples per DEMON-layout dataset,
+    ``"demon_train"`` with `num_demon_train` more of each as instruction records).
     If ``world.json`` there already records the same settings, its counts are returned
     and nothing is touched.
     """
@@ -482,6 +522,7 @@ def write_world(
         "jpeg_quality": JPEG_QUALITY,
         "tokenizer_vocab_size": tokenizer_vocab_size,
         "num_demon": num_demon,
+        "num_demon_train": num_demon_train,
     }
     root = Path(out_dir)
     manifest = root / "world.json"
@@ -508,6 +549,9 @@ def write_world(
         written |= _write_demon(root, seed, num_demon, image_size)
         counts["demon"] = {name: num_demon for name in DEMON_MAKERS}
         demon_images = [root / "demon" / name / "core" / "images" for name in DEMON_MAKERS]
+    if num_demon_train:
+        written |= _write_demon_train(root, seed, num_demon_train, image_size)
+        counts["demon_train"] = {name: num_demon_train for name in DEMON_MAKERS}
     counts["images"] = sum(1 for p in written if p.suffix == ".jpg")
     # Files a previous run with other settings (or an interrupted one's temporaries) left behind.
     kept = [root / "pairs" / s for s in SPLITS] + [root / "instruct" / "images", root / "text"] + demon_images

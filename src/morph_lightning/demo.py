@@ -34,8 +34,16 @@ VAL_PAIRS = WORLD_DIR / "pairs" / "val" / "00000.tar"
 # long runs and the decoder from memorising their images (with 2,000 pairs a decoder trained on frozen
 # post-MLLM tokens overfit within 500 steps of 64); 2,000 validation records give every task at least
 # 200 items (the smallest tasks draw 10% of them), chains (and the drift after them) 200. The split is
-# fixed by the world's seed. 200 samples of each DEMON-layout dataset are what `make eval-demon` scores.
-WORLD_SIZE = {"num_pairs": 20000, "num_instruct": 8000, "num_val_instruct": 2000, "num_demon": 200}
+# fixed by the world's seed. 200 samples of each DEMON-layout dataset are what `make eval-demon` scores;
+# 500 others of each, in DEMON's prompt format, join stage 3's data (without them the model, tuned on the
+# world's own prompts only, answered DEMON's below chance: docs/evaluation.md).
+WORLD_SIZE = {
+    "num_pairs": 20000,
+    "num_instruct": 8000,
+    "num_val_instruct": 2000,
+    "num_demon": 200,
+    "num_demon_train": 500,
+}
 RUNS = Path("runs/world")
 # The world's pretrained towers, shipped with the project as the paper's are downloaded; the stage-0
 # configs write them here and the stage configs read them from here.

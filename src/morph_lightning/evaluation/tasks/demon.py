@@ -72,7 +72,7 @@ from rouge import Rouge
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
-from morph_lightning.data_modules.instruct import IMAGE_MARK
+from morph_lightning.data_modules.sources.demon import build_prompt
 from morph_lightning.evaluation.runner import PREDICTIONS
 from morph_lightning.evaluation.task import (
     USER_TEMPLATE,
@@ -128,7 +128,6 @@ OFFICIAL_IMAGE_CHOICE = ("recipeqa-RecipeQA_VisualCloze", "RecipeQA_ImageCoheren
 IMAGE_CHOICE = ("recipeqa_visualcloze", "recipeqa_imagecoherence", "comics_panel")
 QUESTION_TYPES = ("open-ended", "multi-choice", "")  # "" is ALFRED's, scored as open-ended
 
-_PLACEHOLDER = re.compile(r"\{(?:image|table)#([1-9]\d*)\}")
 _IMAGE_OPTION = re.compile(r"Image ([A-D]):")  # an image choice as DEMON's contexts list it
 _OPTIONS = ("image a", "image b", "image c", "image d")
 _OPTION_WORD = re.compile(r"\bimage [a-d]\b")
@@ -181,21 +180,6 @@ def image_choice_correct(pred: str, gt: str, official: bool = False) -> bool:
         return pred[:7] == gt[:7] and len(named) <= 1
     named = set(_OPTION_WORD.findall(pred))
     return pred[:7] == gt[:7] and not pred[7:8].isalnum() and len(named) <= 1
-
-
-def build_prompt(
-    instruction: str, context: str, choices: list[str] | None, n_images: int
-) -> tuple[str, list[int]]:
-    """The official runner's prompt text with each `{image#k}` / `{table#k}` replaced by an `<image>` mark,
-    and the 0-based index (into `images_path`) of the image of each mark, in mark order."""
-    text = instruction + context
-    if choices is not None:
-        text += "Choice list:['" + "', '".join(choices) + "']. Your answer is:"
-    order = [int(k) - 1 for k in _PLACEHOLDER.findall(text)]
-    if sorted(set(order)) != list(range(n_images)):
-        named = sorted({k + 1 for k in order})
-        raise ValueError(f"its placeholders name images {named} but images_path has {n_images}")
-    return _PLACEHOLDER.sub(IMAGE_MARK, text), order
 
 
 @dataclass(frozen=True)
