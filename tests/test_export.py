@@ -1,12 +1,14 @@
 """Export round trips: adapter and merged forms rebuild the same model; peft and transformers read the
-LLM parts on their own; a checkpoint's towers are named or copied; missing or mismatched files are named."""
+LLM parts on their own, new tokens included; a checkpoint's towers are named or copied; missing or
+mismatched files are named."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
@@ -73,24 +75,123 @@ def test_both_forms_rebuild_the_exported_model(exported, form):
     assert loaded.llm.vocab == model.llm.vocab
 
 
-def test_adapter_loads_with_peft_and_merged_llm_with_transformers(exported):
+TEXT_WITH_IMAGE = f"USER: <img>{morph_token(3)}{morph_token(31)}</img> what is it?<Emp> a red circle"
+
+
+@torch.no_grad()
+def _llm_logits(model: MorphModel, ids: torch.Tensor) -> torch.Tensor:
+    """The MorphModel LLM's logits for `ids`, a morph token read as its codebook vector (as in generation)."""
+    vectors = model.encoder.quantizer.codebook[model.vocab.codes(ids)]
+    return model.llm(model.llm.embed(ids, vectors)).logits
+
+
+def _text_with_image(tokenizer, model: MorphModel) -> torch.Tensor:
+    ids = tokenizer(TEXT_WITH_IMAGE, return_tensors="pt").input_ids
+    v = model.vocab
+    assert {v.img_start, v.img_end, v.emp, v.morph_offset + 3, v.size - 1} <= set(ids[0].tolist())
+    return ids
+
+
+@torch.no_grad()
+def test_the_merged_llm_scores_the_new_tokens_with_transformers(exported):
+    """`<img>`, `</img>`, `<Emp>` and morph tokens score as in the MorphModel: the merged LLM holds rows
+    for every token of its tokenizer."""
     model, out = exported
-    ids = torch.tensor([[5, 40, 77, 3, 120]])
-    with torch.no_grad():
-        ours = model.llm.hf(input_ids=ids).logits
-        base = AutoModelForCausalLM.from_pretrained(out / "llm_base")
-        assert not torch.allclose(base(input_ids=ids).logits, ours, atol=1e-3)  # LoRA changes the output
-        with_adapter = PeftModel.from_pretrained(base, out / "adapter")(input_ids=ids).logits
-        merged = AutoModelForCausalLM.from_pretrained(out / "llm_merged")(input_ids=ids).logits
-    torch.testing.assert_close(with_adapter, ours)
-    torch.testing.assert_close(merged, ours, rtol=1e-4, atol=1e-4)
     tokenizer = AutoTokenizer.from_pretrained(out / "llm_merged")
     assert len(tokenizer) == model.vocab.size
     assert tokenizer.convert_tokens_to_ids(morph_token(0)) == model.vocab.morph_offset
+    merged = AutoModelForCausalLM.from_pretrained(out / "llm_merged")
+    assert merged.get_input_embeddings().num_embeddings == merged.config.vocab_size == len(tokenizer)
+    assert merged.get_output_embeddings().out_features == len(tokenizer)
+    ids = _text_with_image(tokenizer, model)
+    torch.testing.assert_close(merged(ids).logits, _llm_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_the_adapter_loads_alone_with_peft_new_tokens_included(exported):
+    """The adapter names the export's llm_base/ as its base and holds the new tokens' rows and the
+    tokenizer, so `AutoPeftModelForCausalLM` gives the MorphModel's logits."""
+    model, out = exported
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(out / "llm_base")
+    with_adapter = AutoPeftModelForCausalLM.from_pretrained(out / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    ids = _text_with_image(tokenizer, model)
+    expected = _llm_logits(model, ids)
+    torch.testing.assert_close(with_adapter(ids).logits, expected)
+    # By hand: the base resized to the tokenizer, as AutoPeftModelForCausalLM does.
+    base = AutoModelForCausalLM.from_pretrained(out / "llm_base")
+    text_ids = ids[:, :4]
+    assert not torch.allclose(base(text_ids).logits, expected[:, :4, : model.vocab.text_size], atol=1e-3)
+    base.resize_token_embeddings(len(tokenizer))
+    torch.testing.assert_close(PeftModel.from_pretrained(base, out / "adapter")(ids).logits, expected)
+
     manifest = json.loads((out / "morph_config.json").read_text())
     assert (
         manifest["model"]["llm"]["name_or_path"] == "llm_base" and manifest["model"]["llm"]["config"] is None
     )
+    assert manifest["new_tokens"] == {"first_id": 259, "count": 35, "rows_in": ["adapter", "llm_merged"]}
+
+
+def test_the_adapter_names_its_base_as_the_config_does_or_as_told(tmp_path, monkeypatch):
+    """A base LLM saved with `save_pretrained` and named by a relative path: the adapter names it so (peft
+    reads it from the working directory, as training did), or as `--base-model` says where it moved."""
+    monkeypatch.chdir(tmp_path)
+    stage = MorphStage(model=_sources(Path("src")))
+    _perturb_lora(stage.model)
+    ckpt = {"state_dict": stage.state_dict(), "hyper_parameters": dict(stage.hparams)}
+    stage.on_save_checkpoint(ckpt)
+    torch.save(ckpt, "last.ckpt")
+    model = stage.model.eval()
+    named = main(["--checkpoint", "last.ckpt", "--out", "named"])
+    moved = main(["--checkpoint", "last.ckpt", "--out", "moved", "--base-model", "elsewhere/llm"])
+
+    def base_name(out: Path) -> str:
+        return json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+    assert base_name(named) == "src/llm" and base_name(moved) == "elsewhere/llm"
+    tokenizer = AutoTokenizer.from_pretrained(named / "adapter")
+    ids = _text_with_image(tokenizer, model)
+    expected = _llm_logits(model, ids)
+    with torch.no_grad():
+        logits = AutoPeftModelForCausalLM.from_pretrained(named / "adapter")(ids).logits
+    torch.testing.assert_close(logits, expected)
+
+    Path("elsewhere").mkdir()
+    shutil.move("src/llm", "elsewhere/llm")
+    with torch.no_grad():
+        logits = AutoPeftModelForCausalLM.from_pretrained(moved / "adapter")(ids).logits
+    torch.testing.assert_close(logits, expected)
+    assert json.loads((moved / "morph_config.json").read_text())["model"]["llm"]["name_or_path"] == (
+        "elsewhere/llm"
+    )
+    torch.testing.assert_close(_llm_logits(load_exported(moved), ids), expected)
+
+
+def test_a_tied_head_gets_its_own_rows_in_the_merged_llm(tmp_path):
+    """A base whose head is its input embedding: the new tokens' input and output rows differ, so the
+    merged LLM unties them; peft's trainable tokens would tie them, so the adapter covers the text
+    vocabulary only and the manifest says where the rows are."""
+    cfg = tiny_model_config()
+    cfg["llm"]["config"]["tie_word_embeddings"] = True
+    model = MorphModel(cfg).eval()
+    _perturb_lora(model)
+    assert model.llm.hf.get_output_embeddings().weight is model.llm.hf.get_input_embeddings().weight
+    out = export_model(model, tmp_path / "tied", merged=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "llm_merged")
+    ids = _text_with_image(tokenizer, model)
+    expected = _llm_logits(model, ids)
+    text_ids = ids[:, :4]
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(out / "llm_merged")
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        adapter = AutoPeftModelForCausalLM.from_pretrained(out / "adapter")
+        torch.testing.assert_close(adapter(text_ids).logits, expected[:, :4, : model.vocab.text_size])
+    assert len(tokenizer) == merged.get_input_embeddings().num_embeddings
+    assert not (out / "adapter" / "tokenizer_config.json").exists()  # no rows: no resize to the tokenizer
+    assert json.loads((out / "morph_config.json").read_text())["new_tokens"]["rows_in"] == ["llm_merged"]
+    _assert_same(_outputs(model), _outputs(load_exported(out, form="merged")))
 
 
 def _sources(root) -> dict:

@@ -5,9 +5,11 @@ An export directory holds (see docs/export.md):
     morph_config.json   the MorphModel config as plain JSON, paths pointing into the export, and `files`
     morph.safetensors   what training made that is not the base LLM: encoder, decoder, the LLM's new rows
     tokenizer/          the LLM's tokenizer with <img>, </img>, <Emp> and the morph tokens added
-    adapter/            the LoRA adapter in peft's format (`PeftModel.from_pretrained(base, "adapter")`)
+    adapter/            the LoRA adapter in peft's format, with the new tokens' rows and the tokenizer
+                        (`AutoPeftModelForCausalLM.from_pretrained("adapter")`)
     llm_base/           the base LLM, only when its source cannot rebuild it (random, trained, or copied)
-    llm_merged/         (--merged) the LLM with LoRA merged in, with the tokenizer (`AutoModelForCausalLM`)
+    llm_merged/         (--merged) the LLM with LoRA merged in and the new tokens' rows, with the tokenizer
+                        (`AutoModelForCausalLM`)
     vision.safetensors  vqgan.safetensors: the frozen towers, when copied; otherwise their sources are named
 
 Everything is read back with safetensors and json: nothing is unpickled.
@@ -42,6 +44,8 @@ TRAINED_PARTS = ("encoder", "decoder", "llm.new_embed", "llm.morph_in", "llm.new
 # peft saves adapter keys as seen from a PeftModel, which wraps the HF model as `base_model.model`.
 PEFT_KEY_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# How peft's trainable tokens (`LoraConfig.trainable_token_indices`) name the rows they replace.
+TOKEN_ROWS_KEY = "token_adapter.trainable_tokens_delta"
 
 
 # ---- export ------------------------------------------------------------------------------------------
@@ -50,11 +54,14 @@ def export_model(
     out_dir: str | os.PathLike,
     merged: bool = False,
     copy_towers: bool = False,
+    base_model: str | None = None,
 ) -> Path:
     """Write `source` (a stage checkpoint, a stage or a model) as an export directory; returns its path.
 
     `merged` adds `llm_merged/`; `copy_towers` copies the frozen towers and the base LLM in, so that
-    the export needs nothing outside it (parts without a source to rebuild them are always copied)."""
+    the export needs nothing outside it (parts without a source to rebuild them are always copied).
+    `base_model` (a hub id or path) names the base LLM where it will be found instead of where it is
+    now: in `adapter/adapter_config.json`, and in morph_config.json for a base that is not copied."""
     model = _as_model(source)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -67,10 +74,13 @@ def export_model(
     save_file(_for_saving(_parts_state(model, TRAINED_PARTS)), out / files["morph"])
     model.llm.tokenizer.save_pretrained(out / files["tokenizer"])
     config["llm"]["tokenizer"] = files["tokenizer"]
-    files.update(_export_llm(model.llm, config["llm"], out, merged, copy_towers))
+    llm_files, rows_in = _export_llm(model, config["llm"], out, merged, copy_towers, base_model)
+    files.update(llm_files)
     files.update(_export_towers(model, config, out, copy_towers))
 
-    manifest = {"format_version": FORMAT_VERSION, "model": config, "files": files}
+    vocab = model.vocab
+    new_tokens = {"first_id": vocab.text_size, "count": vocab.num_new, "rows_in": rows_in}
+    manifest = {"format_version": FORMAT_VERSION, "model": config, "files": files, "new_tokens": new_tokens}
     (out / CONFIG_FILE).write_text(json.dumps(manifest, indent=2))  # last: marks the export complete
     return out
 
@@ -99,38 +109,83 @@ def model_from_checkpoint(path: str | os.PathLike) -> MorphModel:
 
 
 def _export_llm(
-    llm: MorphLLM, section: dict[str, Any], out: Path, merged: bool, copy_base: bool
-) -> dict[str, str | None]:
-    """The adapter, and the base and merged LLMs where asked or needed; rewrites `section` to match."""
+    model: MorphModel,
+    section: dict[str, Any],
+    out: Path,
+    merged: bool,
+    copy_base: bool,
+    base_model: str | None,
+) -> tuple[dict[str, str | None], list[str]]:
+    """The adapter, and the base and merged LLMs where asked or needed; rewrites `section` to match.
+    Also returns the entries whose LLM holds the new tokens' rows (morph.safetensors always does)."""
+    llm = model.llm
     files: dict[str, str | None] = {"adapter": None, "llm_base": None, "llm_merged": None}
+    rows_in: list[str] = []
+    rows = _new_rows(llm, model.encoder.quantizer.codebook)
     # A random base (`config`) or a trained one (`train_base`) exists nowhere but here.
-    base_needed = copy_base or section["config"] is not None or section["train_base"]
-    if _has_lora(llm):
-        files["adapter"] = "adapter"
-        _save_adapter(llm, out / "adapter", None if base_needed else section["name_or_path"])
-    if base_needed:
+    if copy_base or section["config"] is not None or section["train_base"]:
         files["llm_base"] = "llm_base"
         _without_lora(llm, merge=False).save_pretrained(out / "llm_base")
+        # As given, like the config's own paths: peft reads a relative one from the working directory.
+        base_name = str(out / files["llm_base"])
         section.update(name_or_path=files["llm_base"], config=None)
+    else:
+        base_name = section["name_or_path"]
+        section["name_or_path"] = base_model or base_name
+    if _has_lora(llm):
+        files["adapter"] = "adapter"
+        # peft's trainable tokens would tie a tied head's new rows to the input rows, which differ here.
+        adapter_rows = None if _tied(llm.hf) else rows
+        _save_adapter(llm, out / "adapter", base_model or base_name, adapter_rows)
+        if adapter_rows is not None:
+            rows_in.append(files["adapter"])
     if merged:
         files["llm_merged"] = "llm_merged"
-        _without_lora(llm, merge=True).save_pretrained(out / "llm_merged")
+        _merged_llm(llm, rows).save_pretrained(out / "llm_merged")
         llm.tokenizer.save_pretrained(out / "llm_merged")
-    return files
+        rows_in.append(files["llm_merged"])
+    return files, rows_in
 
 
 def _has_lora(llm: MorphLLM) -> bool:
     return "default" in getattr(llm.hf, "peft_config", {})
 
 
-def _save_adapter(llm: MorphLLM, adapter_dir: Path, base_name: str | None) -> None:
-    """peft's on-disk adapter: adapter_config.json and the LoRA weights under peft's key names."""
+def _tied(hf: PreTrainedModel) -> bool:
+    return hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
+
+
+@torch.no_grad()
+def _new_rows(llm: MorphLLM, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input and output rows of the new tokens in id order, as `MorphLLM.embed` and `head` compute
+    them: <img>, </img>, <Emp> from `new_embed`, a morph token as `morph_in` of its codebook vector (the
+    encoder's straight-through z_q is that vector in value, as generation feeds it)."""
+    dtype = llm.hf.get_input_embeddings().weight.dtype
+    morph = llm.morph_in(codebook.to(llm.morph_in.weight.dtype))
+    inputs = torch.cat([llm.new_embed.weight.to(dtype), morph.to(dtype)])
+    return inputs, llm.new_head.weight.to(llm.hf.get_output_embeddings().weight.dtype)
+
+
+def _save_adapter(
+    llm: MorphLLM, adapter_dir: Path, base_name: str, rows: tuple[torch.Tensor, torch.Tensor] | None
+) -> None:
+    """peft's on-disk adapter: adapter_config.json and the LoRA weights under peft's key names. With
+    `rows`, also the new tokens' embedding and head rows as peft's trainable tokens, and the tokenizer,
+    whose length `AutoPeftModelForCausalLM` resizes the base to before the rows go in."""
     config: LoraConfig = copy.deepcopy(llm.hf.peft_config["default"])
-    config.base_model_name_or_path = base_name  # None: the base is the export's llm_base/
+    config.base_model_name_or_path = base_name
     config.inference_mode = True
     config.task_type = "CAUSAL_LM"  # PeftModel.from_pretrained then gives a PeftModelForCausalLM (generate)
-    config.save_pretrained(adapter_dir)
     weights = {PEFT_KEY_PREFIX + k: v for k, v in get_peft_model_state_dict(llm.hf).items()}
+    if rows is not None:
+        ids = list(range(llm.vocab.text_size, llm.vocab.size))
+        layers = (llm.hf.get_input_embeddings(), llm.hf.get_output_embeddings())
+        names = [next(n for n, m in llm.hf.named_modules() if m is layer) for layer in layers]
+        config.trainable_token_indices = dict.fromkeys(names, ids)
+        for name, row in zip(names, rows, strict=True):
+            weights[f"{PEFT_KEY_PREFIX}{name}.{TOKEN_ROWS_KEY}"] = row
+        llm.tokenizer.save_pretrained(adapter_dir)
+    config.save_pretrained(adapter_dir)
     save_file(_for_saving(weights), adapter_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
 
 
@@ -146,6 +201,26 @@ def _without_lora(llm: MorphLLM, merge: bool) -> PreTrainedModel:
     peft_model = get_peft_model(fresh, copy.deepcopy(llm.hf.peft_config["default"]))
     peft_model.base_model.model.load_state_dict(llm.hf.state_dict(), strict=True)
     return peft_model.merge_and_unload() if merge else peft_model.unload()
+
+
+def _merged_llm(llm: MorphLLM, rows: tuple[torch.Tensor, torch.Tensor]) -> PreTrainedModel:
+    """A copy of the HF model with LoRA merged in and the new tokens' rows at their ids, so that it reads
+    the extended tokenizer's ids on its own and scores them as the MorphModel's LLM does."""
+    hf = _without_lora(llm, merge=True) if _has_lora(llm) else copy.deepcopy(llm.hf)
+    vocab, embed, head = llm.vocab, hf.get_input_embeddings(), hf.get_output_embeddings()
+    if _tied(hf):  # the new tokens' input and output rows differ: the head gets its own weight
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        for config in (hf.config, hf.config.get_text_config()):
+            config.tie_word_embeddings = False
+    # A base vocabulary padded past its text tokens keeps its size: the new ids take padding rows.
+    hf.resize_token_embeddings(max(embed.num_embeddings, vocab.size), mean_resizing=False)
+    embed, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    with torch.no_grad():
+        embed.weight[vocab.text_size : vocab.size] = rows[0]
+        head.weight[vocab.text_size : vocab.size] = rows[1]
+        if head.bias is not None:  # `new_head` has none
+            head.bias[vocab.text_size : vocab.size] = 0
+    return hf
 
 
 def _export_towers(
@@ -270,6 +345,8 @@ def _load_adapter(llm: MorphLLM, adapter_dir: Path) -> None:
     if saved != ours:
         raise ValueError(f"{config_file}: LoRA (r, alpha, targets) {saved}, but {CONFIG_FILE} says {ours}")
     weights = load_peft_weights(str(adapter_dir), device="cpu")  # safetensors: the file exists
+    # The new tokens' rows are there for peft users; this model takes them from morph.safetensors.
+    weights = {k: v for k, v in weights.items() if not k.endswith(TOKEN_ROWS_KEY)}
     _check_keys(
         weights_file, weights.keys(), {PEFT_KEY_PREFIX + k for k in get_peft_model_state_dict(llm.hf)}
     )
@@ -295,7 +372,8 @@ def _check_keys(path: Path, got: Iterable[str], expected: Iterable[str]) -> None
 
 # ---- command line ------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> Path:
-    """`python -m morph_lightning export --checkpoint CKPT --out DIR [--merged] [--copy-towers]`"""
+    """`python -m morph_lightning export --checkpoint CKPT --out DIR [--merged] [--copy-towers]
+    [--base-model NAME]`"""
     parser = argparse.ArgumentParser(
         prog="python -m morph_lightning export", description=__doc__.split("\n")[0]
     )
@@ -307,7 +385,18 @@ def main(argv: list[str] | None = None) -> Path:
         action="store_true",
         help="copy the vision tower, the VQGAN and the base LLM in: nothing outside the export is needed",
     )
+    parser.add_argument(
+        "--base-model",
+        help="how the adapter (and morph_config.json, for a base not copied in) names the base LLM, "
+        "when it will live elsewhere than now: a hub id or a path",
+    )
     args = parser.parse_args(argv)
-    out = export_model(args.checkpoint, args.out, merged=args.merged, copy_towers=args.copy_towers)
+    out = export_model(
+        args.checkpoint,
+        args.out,
+        merged=args.merged,
+        copy_towers=args.copy_towers,
+        base_model=args.base_model,
+    )
     print(f"exported {args.checkpoint} to {out}")
     return out
