@@ -94,7 +94,7 @@ def test_stage2_print_config_has_the_paper_values(capsys):
     assert cfg["model"]["init_args"]["lr"] == 0.0001
     assert cfg["trainer"]["max_steps"] == 200000
     assert cfg["model"]["init_args"]["init_from"] == "runs/stage1/last.ckpt"
-    assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == "runs/stage2"
+    assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == "runs/stage2"  # default_root_dir's
     assert cfg["data"]["class_path"] == "morph_lightning.data_modules.pairs.ImageTextPairsDataModule"
     assert cfg["data"]["init_args"]["vision_size"] == 224 and cfg["data"]["init_args"]["vqgan_size"] == 256
     assert cfg["model"]["init_args"]["pack_length"] == 1024
@@ -156,6 +156,21 @@ def test_stage1_print_config_through_python_m(tmp_path):
     assert cfg["model"]["init_args"]["init_from"] is None
 
 
+@pytest.mark.parametrize(
+    "config", ["stage1.yaml", "tiny/stage2.yaml", "world/stage3.yaml", "world/stage0_lm.yaml"]
+)
+def test_output_folders_follow_default_root_dir(config, capsys):
+    """The loggers' save_dir and the checkpoints' dirpath are the run folder, wherever it is moved."""
+    for extra, root in (([], None), (["--trainer.default_root_dir", "elsewhere/run"], "elsewhere/run")):
+        t = print_config(config, capsys, *extra)["trainer"]
+        root = root or t["default_root_dir"]
+        assert root.startswith("runs/") or extra
+        loggers = t["logger"] if isinstance(t["logger"], list) else [t["logger"]]
+        assert [lg["init_args"]["save_dir"] for lg in loggers] == [root] * len(loggers)
+        (ckpt,) = [c for c in t["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+        assert ckpt["init_args"]["dirpath"] == root
+
+
 # ---- start-up errors: top level (the parser) ------------------------------------------------------
 @pytest.mark.parametrize(
     ("args", "names"),
@@ -193,19 +208,18 @@ def test_misspelled_key_in_a_yaml_stops_naming_it(tmp_path, capsys, override):
 
 
 @pytest.mark.parametrize(
-    ("args", "names"),
+    ("args", "last_line"),
     [
-        (["--trainer.max_steps", "abc"], ["trainer.max_steps", "abc"]),
-        (["--model.init_args.lr", "abc"], ['"lr"', "abc"]),
-        (["--model.init_args.warmup_steps", "1.5"], ['"warmup_steps"', "1.5"]),
+        (["--trainer.max_steps", "abc"], "command line: trainer.max_steps: expected int, got 'abc'"),
+        (["--model.init_args.lr", "abc"], "command line: model.init_args.lr: expected float, got 'abc'"),
+        (["--model.init_args.warmup_steps", "1.5"], "model.init_args.warmup_steps: expected int, got '1.5'"),
     ],
 )
-def test_wrong_type_stops_naming_the_key(capsys, args, names):
+def test_wrong_type_stops_naming_the_key(capsys, args, last_line):
     code, out, err = run_cli(["fit", "--config", "stage2.yaml", *args, "--print_config"], capsys)
     assert code != 0
     assert out == ""
-    for name in names:
-        assert name in err
+    assert err.splitlines()[-1].endswith(last_line)
 
 
 # ---- start-up errors: inside the model section (checked when MorphModel is built) ----------------
@@ -282,3 +296,106 @@ def test_wrong_generation_key_stops_at_start_up(tiny_cfg):
 
     with pytest.raises(ValueError, match=r"generation.*max_new_token"):
         Stage3Instruct(model=tiny_cfg, generation={"max_new_token": 4})
+
+
+# ---- `--help`: every command, one line each ----------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], []])
+def test_help_lists_every_command_then_where_their_help_is(argv, capsys):
+    from morph_lightning.__main__ import SUBCOMMANDS, TRAINING, run
+
+    if argv:
+        run(argv)
+    else:  # no command: the same list, as an error
+        with pytest.raises(SystemExit) as exc:
+            run(argv)
+        assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    lines = (out or err).splitlines()
+    for name in [*TRAINING, *SUBCOMMANDS]:
+        (line,) = [x for x in lines if x.split()[:1] == [name]]
+        assert len(line.split()) > 2, line  # a description beside the name
+    assert "generate" in SUBCOMMANDS and "chat" in SUBCOMMANDS
+    assert "COMMAND --help" in "\n".join(lines[-2:])
+
+
+def test_every_subcommand_module_exists():
+    import importlib.util
+
+    from morph_lightning.__main__ import SUBCOMMANDS
+
+    for name, (module, _) in SUBCOMMANDS.items():
+        assert importlib.util.find_spec(module) is not None, name
+
+
+def test_a_training_command_keeps_lightning_help(capsys):
+    code, out, _ = run_cli(["fit", "--help"], capsys)
+    assert code == 0 and "--trainer.max_steps" in out and "--ckpt_path" in out
+
+
+def test_an_unknown_command_is_named(capsys):
+    from morph_lightning.__main__ import run
+
+    with pytest.raises(SystemExit) as exc:
+        run(["fitt"])
+    assert exc.value.code == 2
+    assert "unknown command 'fitt'" in capsys.readouterr().err.splitlines()[-1]
+
+
+# ---- a config error ends in one line naming the key or the file ---------------------------------------
+DUMP = ("Given value", "Subtypes:", "usage:")  # jsonargparse's namespace dump and usage
+
+
+@pytest.mark.parametrize(
+    ("extra", "yaml_text", "last_line"),
+    [
+        (["--model.init_args.bogus", "1"], None, "error: command line: unknown key 'model.init_args.bogus'"),
+        (["--trainer.max_stepz", "3"], None, "error: command line: unknown key 'trainer.max_stepz'"),
+        (
+            [],
+            "model:\n  init_args:\n    model:\n      decoder: {n_layers: 2}\n",
+            "error: bad.yaml: unknown key 'model.init_args.model.decoder.n_layers'",
+        ),
+        ([], "trainer:\n  max_stepz: 10\n", "error: bad.yaml: unknown key 'trainer.max_stepz'"),
+    ],
+)
+def test_config_error_is_one_last_line_without_the_dump(capsys, extra, yaml_text, last_line):
+    args = ["fit", "--config", "tiny/stage1.yaml", *extra]
+    if yaml_text:
+        Path("bad.yaml").write_text(yaml_text)  # in the test's own folder (_cwd)
+        args += ["--config", "bad.yaml"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines()[-1] == last_line
+    assert not any(d in err for d in DUMP) and len(err.splitlines()) <= 3
+
+    code, _, err = run_cli([*args, "--verbose"], capsys)  # the full message only on request
+    assert code == 2 and err.splitlines()[-1] == last_line
+    assert "add --verbose" not in err and len(err.splitlines()) >= 2
+    assert ("Given value" in err) == ("model.init_args" in last_line)  # a class's errors come with a dump
+
+
+def test_missing_vqgan_checkpoint_names_the_key_from_python(tmp_path):
+    from morph_lightning.cli import ConfigError
+
+    Path("bad.yaml").write_text("model:\n  init_args:\n    model:\n      vqgan_checkpoint: towers/x.ckpt\n")
+    with pytest.raises(
+        ConfigError, match=r"^model.init_args.model.vqgan_checkpoint: no file at towers/x.ckpt$"
+    ):
+        main(["fit", "--config", "tiny/stage1.yaml", "--config", "bad.yaml"])
+    assert not Path("runs").exists()
+
+
+def test_missing_vqgan_checkpoint_is_one_line_on_the_command_line(tmp_path):
+    """`python -m morph_lightning`: one line, no traceback, exit 1; the traceback with --verbose."""
+    Path("bad.yaml").write_text("model:\n  init_args:\n    model:\n      vqgan_checkpoint: towers/x.ckpt\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    args = [sys.executable, "-m", "morph_lightning", "fit", "--config", "tiny/stage1.yaml"]
+    for verbose in ([], ["--verbose"]):
+        proc = subprocess.run(
+            [*args, "--config", "bad.yaml", *verbose], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 1
+        last = "error: bad.yaml: model.init_args.model.vqgan_checkpoint: no file at towers/x.ckpt"
+        assert proc.stderr.splitlines()[-1] == last
+        assert ("Traceback" in proc.stderr) == bool(verbose)
