@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
+
+from morph_lightning.inference import save_png
 
 
 def fresh_folder(parent: Path) -> Path:
@@ -32,14 +32,6 @@ def fresh_folder(parent: Path) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free folder name for {stamp} in {parent}")
-
-
-def save_png(pixels: torch.Tensor, path: Path) -> None:
-    """One [3, H, W] image in [-1, 1], written to a temporary name and renamed: never half a file."""
-    array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -157,12 +157,11 @@ def _tied(hf: PreTrainedModel) -> bool:
 
 @torch.no_grad()
 def _new_rows(llm: MorphLLM, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input and output rows of the new tokens in id order, as `MorphLLM.embed` and `head` compute
-    them: <img>, </img>, <Emp> from `new_embed`, a morph token as `morph_in` of its codebook vector (the
-    encoder's straight-through z_q is that vector in value, as generation feeds it)."""
-    dtype = llm.hf.get_input_embeddings().weight.dtype
-    morph = llm.morph_in(codebook.to(llm.morph_in.weight.dtype))
-    inputs = torch.cat([llm.new_embed.weight.to(dtype), morph.to(dtype)])
+    """The input and output rows of the new tokens in id order, through `MorphLLM.embed` itself: a morph
+    token's input row is `morph_in` of its codebook vector (the encoder's straight-through z_q is that
+    vector in value, as generation feeds it)."""
+    ids = torch.arange(llm.vocab.text_size, llm.vocab.size, device=codebook.device)
+    inputs = llm.embed(ids[None], codebook[llm.vocab.codes(ids)][None])[0]
     return inputs, llm.new_head.weight.to(llm.hf.get_output_embeddings().weight.dtype)
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from morph_lightning.data_modules.instruct import IMAGE_MARK, prompt_pieces
 from morph_lightning.data_modules.transforms import BadImage, load_image
 from morph_lightning.evaluation.runner import image_transforms
+from morph_lightning.evaluation.world_eval import to_uint8
 from morph_lightning.export import load_exported, model_from_checkpoint
 from morph_lightning.generation import generate
 from morph_lightning.modeling.model import MorphModel
@@ -137,6 +138,5 @@ def write_new(path: Path, write: Callable[[Path], object]) -> None:
 
 def save_png(pixels: torch.Tensor, path: Path) -> None:
     """An image [3, H, W] in [-1, 1] as a new PNG file."""
-    x = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    image = Image.fromarray(x.permute(1, 2, 0).numpy())
+    image = Image.fromarray(to_uint8(pixels))
     write_new(path, lambda tmp: image.save(tmp, format="PNG"))
