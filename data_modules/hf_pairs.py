@@ -79,8 +79,8 @@ class HFPairs(Dataset):
 class HFImageTextPairsDataModule(ResumableDataModule):
     """Pair batches (`vision_pixels`, `vqgan_pixels`, `captions`, `keys`) from Hugging Face datasets.
 
-    `train_path` / `val_path`: a `save_to_disk` folder (`split` picks a split of a DatasetDict) or
-    parquet files (a folder, a file or a glob). Images are decoded by the project's `load_image`, so
+    `train_path` / `val_path`: a `save_to_disk` folder or a folder of parquet files in the Hub's layout
+    (`split` / `val_split` pick a split of either), or parquet files (a file or a glob, read whole). Images are decoded by the project's `load_image`, so
     corrupt, truncated, tiny or huge ones are skipped like in the webdataset module. Parquet is
     converted once into arrow files under `cache_dir` (default: the `datasets` cache, in the home
     folder unless HF_DATASETS_CACHE says otherwise).

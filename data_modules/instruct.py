@@ -1,21 +1,23 @@
-"""Instruction data from jsonl files in the released code's format, one record per line:
+"""Instruction data in the project's own jsonl, one record per line (the world writes it):
 
     {"input_img": ["a.jpg"], "output_img": "b.jpg" | null,
      "input_text": "USER: <image> What will this image be like with ...: make it green. ASSISTANT:",
      "output_text": "..." | null, ...extra keys ignored}
 
-Image paths are relative to the jsonl's folder and follow the order of the `<image>` marks. A record is
-a `Sample`: prompt = input_text cut at its `<image>` marks into text and `ImageRef(i)`, answer =
-`[output_text]` or `[ImageRef(len(input_img), target=True)]`. Malformed records fail `setup` with a
-ValueError naming file:line. A record whose image is missing or unreadable is skipped at load time
-(warning naming it, counted in `InstructionDataModule.skipped` by reason; per process, so with
-`num_workers > 0` each worker counts its own) and the next record takes its place, which keeps batch
-sizes fixed.
+It differs from the released code's jsonl (`sources/released.py` reads that one) in three ways: the
+prompt carries its chat template, the image mark is `<image>`, and exactly one of `output_img` and
+`output_text` is set. Image paths are relative to the jsonl's folder and follow the order of the
+`<image>` marks. A record is a `Sample`: prompt = input_text cut at its `<image>` marks into text and
+`ImageRef(i)`, answer = `[output_text]` or `[ImageRef(len(input_img), target=True)]`.
+
+A malformed line is skipped and counted by reason (`bad_records.py`); more than `max_bad_fraction` of
+them stops `setup`. A record whose image is missing or unreadable is skipped at load time (warning
+naming it, counted in `InstructionDataModule.skipped` by reason; per process, so with `num_workers > 0`
+each worker counts its own) and the next record takes its place, which keeps batch sizes fixed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -26,6 +28,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from morph_lightning.data_modules.bad_records import MAX_BAD_FRACTION, BadRecord, BadRecords, iter_jsonl
 from morph_lightning.data_modules.resume import ResumableDataModule
 from morph_lightning.data_modules.transforms import (
     CLIP_MEAN,
@@ -76,11 +79,10 @@ def build_record(
 ) -> Record:
     """A prompt with one `<image>` mark per input image and one answer (text or image) -> a `Record`."""
     if input_text.count(IMAGE_MARK) != len(inputs):
-        raise ValueError(
-            f"{where}: {input_text.count(IMAGE_MARK)} {IMAGE_MARK} marks but {len(inputs)} images"
-        )
+        marks = f"{input_text.count(IMAGE_MARK)} {IMAGE_MARK} marks but {len(inputs)} images"
+        raise BadRecord(where, "image marks", marks)
     if (output_img is None) == (output_text is None):
-        raise ValueError(f"{where}: exactly one of output_img and output_text must be set")
+        raise BadRecord(where, "bad output", "exactly one of output_img and output_text must be set")
     # The space between "ASSISTANT:" and a text answer goes with the answer (" red"), as it does when a
     # whole conversation is tokenized at once: the answer then starts with the word-start token the LM
     # was pretrained on, and the prompt ends where generation starts.
@@ -95,41 +97,31 @@ def build_record(
 
 
 def parse_record(obj: Any, folder: str, where: str) -> Record:
-    """One decoded jsonl line -> a `Record`; ValueError (naming `where`) if it is malformed."""
-
-    def bad(msg: str) -> ValueError:
-        return ValueError(f"{where}: {msg}")
-
+    """One decoded jsonl line -> a `Record`; a `BadRecord` (naming `where`) if it is malformed."""
     if not isinstance(obj, dict) or any(k not in obj for k in KEYS):
         have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise bad(f"need the keys {list(KEYS)}, got {have}")
+        raise BadRecord(where, "missing keys", f"need {list(KEYS)}, got {have}")
     inputs, text = obj["input_img"], obj["input_text"]
     out_img, out_text = obj["output_img"], obj["output_text"]
     if not isinstance(inputs, list) or not all(isinstance(p, str) for p in inputs):
-        raise bad("input_img must be a list of paths")
+        raise BadRecord(where, "bad 'input_img'", "must be a list of paths")
     if not isinstance(text, str):
-        raise bad("input_text must be a string")
+        raise BadRecord(where, "bad 'input_text'", "must be a string")
     if (out_img is None) == (out_text is None):
-        raise bad("exactly one of output_img and output_text must be set")
+        raise BadRecord(where, "bad output", "exactly one of output_img and output_text must be set")
     if not isinstance(out_img if out_text is None else out_text, str):
-        raise bad("output_img / output_text must be a string")
+        raise BadRecord(where, "bad output", "output_img / output_text must be a string")
     out_img = None if out_img is None else os.path.join(folder, out_img)
     return build_record(text, [os.path.join(folder, p) for p in inputs], where, out_text, out_img)
 
 
-def read_jsonl(path: str) -> list[Record]:
-    """All records of one jsonl file; blank lines are allowed."""
+def read_jsonl(path: str, bad: BadRecords) -> list[Record]:
+    """All records of one jsonl file; bad lines are left out and counted in `bad`."""
     folder = os.path.dirname(os.path.abspath(path))
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not JSON: {err}") from None
-            records.append(parse_record(obj, folder, f"{path}:{n}"))
+    for where, obj in iter_jsonl(path, bad):
+        with bad.skipping():
+            records.append(parse_record(obj, folder, where))
     return records
 
 
@@ -197,18 +189,24 @@ class InstructionDataModule(ResumableDataModule):
         seed: int = 0,
         min_size: int = MIN_SIZE,
         max_pixels: int = MAX_PIXELS,
+        max_bad_fraction: float = MAX_BAD_FRACTION,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.transforms = ImageTransforms(vision_size, vqgan_size, mean, std)
-        self.skipped: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()  # images that failed to load, by reason
+        self.bad_records: dict[str, BadRecords] = {}  # lines left out at setup, by file
         self.train: InstructionDataset | None = None
         self.val: InstructionDataset | None = None
 
     def _dataset(self, files: list[str] | str) -> InstructionDataset:
-        files = [files] if isinstance(files, str) else files
-        records = [r for f in files for r in read_jsonl(f)]
         h = self.hparams
+        records = []
+        for f in [files] if isinstance(files, str) else files:
+            bad = self.bad_records.setdefault(f, BadRecords())
+            kept = read_jsonl(f, bad)
+            bad.check(f, len(kept), h.max_bad_fraction)
+            records += kept
         return InstructionDataset(records, self.transforms, self.skipped, h.min_size, h.max_pixels)
 
     def setup(self, stage: str | None = None) -> None:

@@ -24,6 +24,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from morph_lightning.data_modules.bad_records import MAX_BAD_FRACTION, BadRecords
 from morph_lightning.data_modules.instruct import InstructionDataset, Record
 from morph_lightning.data_modules.sources import read_source
 from morph_lightning.data_modules.transforms import (
@@ -127,8 +128,10 @@ class MixtureDataset(Dataset):
 
 class MixtureDataModule(L.LightningDataModule):
     """`sources`: one dict per source, `{"type": <reader, see sources.READERS>, "weight": float (default 1),
-    "name": str (default the type), **reader options such as "path"}`. `val_sources` (same keys, weights
-    unused) are served in order. `epoch_draws`: draws per training epoch (default: all sources' records)."""
+    "name": str (default the type), "max_bad_fraction": float (default the module's), **reader options
+    such as "path"}`. `val_sources` (same keys, weights unused) are served in order. `epoch_draws`: draws
+    per training epoch (default: all sources' records). `max_bad_fraction`: the share of a source's
+    records that may be malformed (skipped, counted in `bad_records`) before setup stops."""
 
     def __init__(
         self,
@@ -144,11 +147,13 @@ class MixtureDataModule(L.LightningDataModule):
         epoch_draws: int | None = None,
         min_size: int = MIN_SIZE,
         max_pixels: int = MAX_PIXELS,
+        max_bad_fraction: float = MAX_BAD_FRACTION,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.transforms = ImageTransforms(vision_size, vqgan_size, mean, std)
         self.skipped: Counter[str] = Counter()  # bad images by reason, this process
+        self.bad_records: dict[str, BadRecords] = {}  # malformed records left out at setup, by source
         self.train: MixtureDataset | None = None
         self.val: InstructionDataset | None = None
         self.weights: list[float] = []
@@ -160,11 +165,10 @@ class MixtureDataModule(L.LightningDataModule):
         parts, weights = [], []
         for name, spec in zip(names, specs, strict=True):
             options = {k: v for k, v in spec.items() if k not in ("type", "name", "weight")}
+            options.setdefault("max_bad_fraction", self.hparams.max_bad_fraction)
             if "type" not in spec:
                 raise ValueError(f"source {name!r}: needs a 'type'")
-            records = read_source(spec["type"], name, self.hparams.seed, **options)
-            if not records:
-                raise ValueError(f"source {name!r}: no records")
+            records, self.bad_records[name] = read_source(spec["type"], name, self.hparams.seed, **options)
             log.info("source %s: %d records, weight %s", name, len(records), spec.get("weight", 1.0))
             parts.append(records)
             weights.append(float(spec.get("weight", 1.0)))

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from morph_lightning.data_modules.bad_records import BadRecords
 from morph_lightning.data_modules.instruct import read_jsonl
 from morph_lightning.data_modules.world.demon import MAKERS
 from morph_lightning.data_modules.world.writer import write_world
@@ -50,8 +51,9 @@ def test_the_demon_split_leaves_the_training_data_as_it_was(world, tmp_path):
 
 
 def test_the_demon_training_records_ask_as_the_demon_task_does(world):
-    records = read_jsonl(str(world / "instruct" / "demon_train.jsonl"))  # the stage-3 reader takes them
-    assert len(records) == 4 * len(MAKERS)
+    bad = BadRecords()
+    records = read_jsonl(str(world / "instruct" / "demon_train.jsonl"), bad)  # the stage-3 reader takes them
+    assert len(records) == 4 * len(MAKERS) and not bad.total
     lines = [json.loads(line) for line in (world / "instruct" / "demon_train.jsonl").read_text().splitlines()]
     asked = {r.prompt for r in Demon(world / "demon").requests()}
     for line in lines:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 
+from morph_lightning.data_modules.bad_records import BadRecord
 from morph_lightning.data_modules.instruct import IMAGE_MARK, Record, build_record
-from morph_lightning.data_modules.sources.common import items, read_json, text
+from morph_lightning.data_modules.sources.common import Source, items, read_json, text
 from morph_lightning.data_modules.sources.templates import CONVERSATION
 
 log = logging.getLogger(__name__)
@@ -22,25 +23,29 @@ ROLES = ("human", "gpt")
 
 
 def _turns(item: dict, where: str) -> list[tuple[str, str]]:
-    """(question, answer) pairs; ValueError if roles do not alternate human, gpt or the mark is not once."""
+    """(question, answer) pairs; a BadRecord if roles do not alternate human, gpt or the mark is not once."""
     messages = items(item, "conversations", where)
     if len(messages) % 2:
-        raise ValueError(f"{where}: {len(messages)} messages; need human/gpt pairs")
+        raise BadRecord(where, "odd message count", f"{len(messages)} messages; need human/gpt pairs")
     for k, msg in enumerate(messages):
         if not isinstance(msg, dict) or msg.get("from") != ROLES[k % 2]:
             got = msg.get("from") if isinstance(msg, dict) else msg
-            raise ValueError(f"{where}: message {k} should be from {ROLES[k % 2]!r}, got {got!r}")
+            raise BadRecord(
+                where, "roles out of order", f"message {k} should be from {ROLES[k % 2]!r}, got {got!r}"
+            )
     values = [text(msg, "value", f"{where} message {k}") for k, msg in enumerate(messages)]
     marks = sum(v.count(IMAGE_MARK) for v in values[::2])
     if marks != 1 or any(IMAGE_MARK in v for v in values[1::2]):
-        raise ValueError(f"{where}: needs exactly one {IMAGE_MARK} in the human messages, got {marks}")
+        raise BadRecord(
+            where, "image marks", f"needs exactly one {IMAGE_MARK} in the human messages, got {marks}"
+        )
     questions = [" ".join(v.replace(IMAGE_MARK, " ").split()) for v in values[::2]]
     return list(zip(questions, values[1::2], strict=True))
 
 
-def read_llava(name: str, seed: int, path: str, image_root: str | None = None) -> list[Record]:
+def read_llava(src: Source, path: str, image_root: str | None = None) -> list[Record]:
     """Image paths are relative to `image_root` (default: the json's folder)."""
-    root = image_root or os.path.dirname(os.path.abspath(path))
+    src.image_root = image_root or os.path.dirname(os.path.abspath(path))
     data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: needs a list of conversations, got {type(data).__name__}")
@@ -50,13 +55,15 @@ def read_llava(name: str, seed: int, path: str, image_root: str | None = None) -
         if isinstance(item, dict) and "image" not in item:
             text_only += 1
             continue
-        image = os.path.join(root, text(item, "image", where))
-        history = ""
-        for t, (question, answer) in enumerate(_turns(item, where)):
-            turn = CONVERSATION.format(question=question) if t == 0 else f"USER: {question} ASSISTANT:"
-            prompt = f"{history} {turn}".lstrip()
-            records.append(build_record(prompt, [image], f"{where} turn {t}", output_text=answer))
-            history = f"{prompt} {answer}"
+        with src.bad.skipping():
+            image = os.path.join(src.image_root, text(item, "image", where))
+            history, turns = "", []
+            for t, (question, answer) in enumerate(_turns(item, where)):
+                turn = CONVERSATION.format(question=question) if t == 0 else f"USER: {question} ASSISTANT:"
+                prompt = f"{history} {turn}".lstrip()
+                turns.append(build_record(prompt, [image], f"{where} turn {t}", output_text=answer))
+                history = f"{prompt} {answer}"
+            records += turns
     if text_only:
         log.info("%s: left out %d items without an image", path, text_only)
     return records

@@ -12,12 +12,34 @@ from typing import Any
 from morph_lightning.data_modules.sources.common import require
 from morph_lightning.data_modules.transforms import BadImage
 
+# Split names as the Hub writes them, and what else the same split is called ("dev" is MagicBrush's).
+SPLIT_ALIASES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test", "testing", "eval")}
+
+
+def _split_files(folder: str, split: str) -> list[str]:
+    """The parquet files of `split` in a folder in the Hub's layout (`data/train-00000-of-00002-*.parquet`,
+    `data/dev-*.parquet`, `train/*.parquet`, ...), found with `datasets`' own split patterns; a folder
+    whose names carry no split is all "train"."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    found = DataFilesDict.from_patterns(get_data_patterns(folder), folder)
+    splits = {str(k): sorted(f for f in v if f.endswith(".parquet")) for k, v in found.items()}
+    splits = {k: v for k, v in splits.items() if v}
+    if not splits:
+        raise FileNotFoundError(f"no parquet files in {folder}")
+    names = next((names for names in SPLIT_ALIASES.values() if split in names), (split,))
+    for name in (split, *names):
+        if name in splits:
+            return splits[name]
+    raise ValueError(f"{folder}: no split {split!r} among its parquet files, only {sorted(splits)}")
+
 
 def load_rows(
     path: str, split: str = "train", cache_dir: str | None = None, columns: tuple[str, ...] = ()
 ) -> Any:
     """A `datasets.Dataset` from a `save_to_disk` folder (split `split` of a DatasetDict), a folder of
-    parquet files, a parquet file or a glob of them; ValueError naming `path` if a column is missing.
+    parquet files in the Hub's layout (the files of split `split` only), a parquet file or a glob of
+    them; ValueError naming `path` if a column is missing.
 
     Parquet is converted once into arrow files under `cache_dir` (default: the `datasets` cache)."""
     import datasets  # only the sources that are HF datasets need it
@@ -31,10 +53,12 @@ def load_rows(
                 raise ValueError(f"{path}: no split {split!r}, only {sorted(rows)}")
             rows = rows[split]
     else:
-        pattern = os.path.join(path, "**", "*.parquet") if os.path.isdir(path) else path
-        files = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [require(path)]
-        if not files:
-            raise FileNotFoundError(f"no parquet files: {pattern}")
+        if os.path.isdir(path):
+            files = _split_files(path, split)
+        else:
+            files = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [require(path)]
+            if not files:
+                raise FileNotFoundError(f"no parquet files: {path}")
         rows = datasets.Dataset.from_parquet(files, cache_dir=cache_dir)
     missing = [c for c in columns if c not in rows.column_names]
     if missing:

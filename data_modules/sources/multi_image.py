@@ -1,6 +1,8 @@
-"""Multi-image understanding (Appendix C.1 (5)) in MIMIC-IT's published layout (GSD is its
-"spot the difference" part): an instruction json `{"data": {id: {"instruction", "answer", "image_ids":
-[...]}}}` and an image json mapping each image id to its base64-encoded file. Rendered as "USER: This is
+"""Multi-image understanding (Appendix C.1 (5)) in MIMIC-IT's published layout: an instruction json
+`{"meta": ..., "data": {id: {"instruction", "answer", "image_ids": [...], "rel_ins_ids": [...]}}}` and an
+image json mapping each image id to its base64-encoded file. The paper's GSD (General Scene Difference)
+is MIMIC-IT's `CGD` part (`CGD_instructions.json`, `CGD.json`); its `SD` part is Subtle Difference,
+built from Spot-the-Diff. Rendered as "USER: This is
 the first image. {image1} This is the second image. {image2} {question} ASSISTANT: {answer}".
 
 The image json is held in memory (and copied into each loader worker), as MIMIC-IT ships it.
@@ -12,8 +14,9 @@ import base64
 import binascii
 from dataclasses import dataclass
 
+from morph_lightning.data_modules.bad_records import BadRecord
 from morph_lightning.data_modules.instruct import Record, build_record
-from morph_lightning.data_modules.sources.common import items, read_json, text
+from morph_lightning.data_modules.sources.common import Source, items, read_json, text
 from morph_lightning.data_modules.sources.templates import MULTI_IMAGE, image_intro
 from morph_lightning.data_modules.transforms import BadImage
 
@@ -34,7 +37,7 @@ class Base64Image:
         return f"{self.origin}[{self.key!r}]"
 
 
-def read_mimicit(name: str, seed: int, path: str, images: str) -> list[Record]:
+def read_mimicit(src: Source, path: str, images: str) -> list[Record]:
     data = read_json(path)
     table = read_json(images)
     if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
@@ -44,11 +47,13 @@ def read_mimicit(name: str, seed: int, path: str, images: str) -> list[Record]:
     records = []
     for key, ins in data["data"].items():
         where = f"{path}[{key!r}]"
-        ids = items(ins, "image_ids", where)
-        missing = [i for i in ids if i not in table]
-        if missing:
-            raise ValueError(f"{where}: image ids {missing} are not in {images}")
-        prompt = MULTI_IMAGE.format(images=image_intro(len(ids)), question=text(ins, "instruction", where))
-        refs = [Base64Image(table, i, images) for i in ids]
-        records.append(build_record(prompt, refs, where, output_text=text(ins, "answer", where)))
+        with src.bad.skipping():
+            ids = items(ins, "image_ids", where)
+            missing = [i for i in ids if i not in table]
+            if missing:
+                raise BadRecord(where, "image ids not in the image json", f"{missing} are not in {images}")
+            question = text(ins, "instruction", where)
+            prompt = MULTI_IMAGE.format(images=image_intro(len(ids)), question=question)
+            refs = [Base64Image(table, i, images) for i in ids]
+            records.append(build_record(prompt, refs, where, output_text=text(ins, "answer", where)))
     return records

@@ -4,9 +4,9 @@ Two datasets, both deterministic given a seed:
 
 * image-text pairs as webdataset shards in img2dataset's layout, ``OUT/pairs/{train,val}/{shard:05d}.tar``
   with ``{key}.jpg``, ``{key}.txt`` and ``{key}.json`` per sample (9-digit keys);
-* instruction data as jsonl in the released code's format, ``OUT/instruct/{train,val}.jsonl``, images in
-  ``OUT/instruct/images/`` and referenced relative to the jsonl's folder, with the paper's Appendix C.1
-  templates (one literal ``<image>`` mark per input image);
+* instruction data as jsonl in the project's own format (``instruct.py``),
+  ``OUT/instruct/{train,val}.jsonl``, images in ``OUT/instruct/images/`` and referenced relative to the
+  jsonl's folder, with the paper's Appendix C.1 templates (one literal ``<image>`` mark per input image);
 * with ``num_demon``, the world's multi-image, image-difference and in-context tasks as evaluation
   datasets in the DEMON benchmark's layout, ``OUT/demon/<Dataset>/core/core.json`` (see ``demon.py``),
   and with ``num_demon_train`` other samples of them as instruction records in DEMON's prompt format,
