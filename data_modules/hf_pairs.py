@@ -80,9 +80,9 @@ class HFImageTextPairsDataModule(ResumableDataModule):
     """Pair batches (`vision_pixels`, `vqgan_pixels`, `captions`, `keys`) from Hugging Face datasets.
 
     `train_path` / `val_path`: a `save_to_disk` folder or a folder of parquet files in the Hub's layout
-    (`split` / `val_split` pick a split of either), or parquet files (a file or a glob, read whole). Images are decoded by the project's `load_image`, so
-    corrupt, truncated, tiny or huge ones are skipped like in the webdataset module. Parquet is
-    converted once into arrow files under `cache_dir` (default: the `datasets` cache, in the home
+    (`split` / `val_split` pick a split of either), or parquet files (a file or a glob, read whole).
+    Images are decoded by the project's `load_image`, so corrupt, truncated, tiny or huge ones are
+    skipped like in the webdataset module. Parquet is converted once into arrow files under `cache_dir` (default: the `datasets` cache, in the home
     folder unless HF_DATASETS_CACHE says otherwise).
     """
 
