@@ -82,8 +82,8 @@ class HFImageTextPairsDataModule(ResumableDataModule):
     `train_path` / `val_path`: a `save_to_disk` folder or a folder of parquet files in the Hub's layout
     (`split` / `val_split` pick a split of either), or parquet files (a file or a glob, read whole).
     Images are decoded by the project's `load_image`, so corrupt, truncated, tiny or huge ones are
-    skipped like in the webdataset module. Parquet is converted once into arrow files under `cache_dir` (default: the `datasets` cache, in the home
-    folder unless HF_DATASETS_CACHE says otherwise).
+    skipped like in the webdataset module. Parquet is converted once into arrow files under `cache_dir`
+    (default: the `datasets` cache, in the home folder unless HF_DATASETS_CACHE says otherwise).
     """
 
     def __init__(
