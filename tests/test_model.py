@@ -183,3 +183,22 @@ def test_batched_generation_with_images_in_prompts_matches_each_prompt_alone(tin
         assert len(alone.images[0]) == len(together.images[b]), b
         if alone.images[0]:
             torch.testing.assert_close(alone.pixels, together.pixels[together.images[b]])
+
+
+def test_the_kv_caches_give_what_recomputing_every_step_gives(tiny_cfg, monkeypatch):
+    """`use_cache=False` (the benchmark's baseline) reruns the whole sequence each step in the LLM and the
+    decoder; greedy, both must emit the same ids and codes. `start_image` makes every row draw first."""
+    model = MorphModel(tiny_cfg).eval()
+    batch = _batch(instruct=True, n=3)
+    prompts = [Sample(prompt=s.prompt) for s in batch["samples"]]
+    ids = _spy_ids(monkeypatch)
+    codes = []
+    real = model.decoder.generate
+    monkeypatch.setattr(model.decoder, "generate", lambda *a, **k: codes.append(real(*a, **k)) or codes[-1])
+    kw = {"max_new_tokens": model.num_tokens + 4, "temperature": 0.0, "image_temperature": 0.0}
+    cached = generate(model, prompts, batch["vision_pixels"], start_image=True, **kw)
+    again = generate(model, prompts, batch["vision_pixels"], start_image=True, use_cache=False, **kw)
+    assert ids[:3] == ids[3:] and all(row[0] == model.vocab.img_start for row in ids)  # one list per row
+    assert cached.images == again.images == [[0], [1], [2]]
+    assert torch.equal(codes[0], codes[1])
+    torch.testing.assert_close(cached.pixels, again.pixels)

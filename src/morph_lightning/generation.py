@@ -58,19 +58,24 @@ def generate(
     image_temperature: float = 1.0,
     image_top_k: int | None = None,
     generator: torch.Generator | None = None,
+    start_image: bool = False,
+    use_cache: bool = True,
 ) -> GenerationOutput:
-    """Continue each prompt (its `answer` empty); images in prompts index into `vision_pixels`."""
+    """Continue each prompt (its `answer` empty); images in prompts index into `vision_pixels`.
+
+    `start_image`: every answer starts with `<img>`, so each row draws an image first (text-to-image
+    asked for, rather than left to the model). `use_cache=False` runs the whole sequence again at every
+    step in both the LLM and the decoder (the same tokens, much slower): the baseline that
+    `benchmarks/generation.py` measures the KV caches against."""
     v, tok = model.vocab, model.llm.tokenizer
     device = model.llm.new_head.weight.device
     batch, enc = prompt_batch(model, prompts, vision_pixels)
+    seen = model.llm.embed(batch.input_ids, model.morph_vectors(batch, enc))  # every input so far
     out = model.llm(
-        model.llm.embed(batch.input_ids, model.morph_vectors(batch, enc)),
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=True,
+        seen, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=use_cache
     )
     rows = len(prompts)
-    mask, pos = batch.attention_mask, batch.position_ids[:, -1]
+    mask, positions = batch.attention_mask, batch.position_ids
     in_image = torch.zeros(rows, dtype=torch.bool, device=device)
     count = torch.zeros(rows, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -79,11 +84,13 @@ def generate(
     finished_images: list[tuple[int, torch.Tensor]] = []
     codebook = model.encoder.quantizer.codebook
     hidden, logits, past = out.hidden[:, -1], out.logits[:, -1], out.past_key_values
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = logits.float().masked_fill(~_allowed_mask(model, in_image, count), float("-inf"))
         text_next = sample_next(logits, temperature, top_k, top_p, generator)
         image_next = sample_next(logits, image_temperature, image_top_k, None, generator)
         nxt = torch.where(in_image, image_next, text_next)
+        if start_image and step == 0:
+            nxt = torch.full_like(nxt, v.img_start)
         nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
         is_morph = v.is_morph(nxt) & ~done
         for b in range(rows):
@@ -112,10 +119,15 @@ def generate(
         morph_vecs = codebook[v.codes(nxt)].unsqueeze(1)
         embeds = model.llm.embed(nxt.unsqueeze(1), morph_vecs)
         mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
-        pos = pos + 1
-        out = model.llm(
-            embeds, attention_mask=mask, position_ids=pos.unsqueeze(1), past_key_values=past, use_cache=True
-        )
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        if use_cache:
+            step_positions = positions[:, -1:]
+            out = model.llm(
+                embeds, attention_mask=mask, position_ids=step_positions, past_key_values=past, use_cache=True
+            )
+        else:
+            seen = torch.cat([seen, embeds], dim=1)
+            out = model.llm(seen, attention_mask=mask, position_ids=positions)
         hidden, logits, past = out.hidden[:, -1], out.logits[:, -1], out.past_key_values
 
     images: list[list[int]] = [[] for _ in range(rows)]
@@ -123,7 +135,7 @@ def generate(
     if finished_images:
         mhat = torch.stack([m for _, m in finished_images]).to(model.decoder_dtype)
         x = model.decoder.generate(
-            mhat, temperature=image_temperature, top_k=image_top_k, generator=generator
+            mhat, temperature=image_temperature, top_k=image_top_k, generator=generator, use_cache=use_cache
         )
         pixels = model.vqgan.decode_codes(x).clamp(-1, 1)
         for k, (b, _) in enumerate(finished_images):

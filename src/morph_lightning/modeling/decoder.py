@@ -189,17 +189,25 @@ class MorphDecoder(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> Tensor:
         """Sample codes [B, n_codes] from p(X | prefix): one pass over the prefix, then one code per step.
 
         Dropout follows the module's mode; call ``.eval()`` first for deterministic decoding.
+        `use_cache=False` runs the whole sequence again at every step (the same codes, much slower): the
+        baseline `benchmarks/generation.py` measures the KV cache against.
         """
-        x, cache = self._run_blocks(self._embed_prefix(prefix), start=0)
+        start = self._embed_prefix(prefix)
+        x, cache = self._run_blocks(start, start=0)
         n_prefix, n_codes = self.config.n_prefix, self.config.n_codes
         codes = torch.empty(prefix.size(0), n_codes, dtype=torch.long, device=prefix.device)
         for i in range(n_codes):
             logits = self.lm_head(x[:, -1])
             codes[:, i] = sample_next(logits, temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if i + 1 < n_codes:
+            if i + 1 == n_codes:
+                break
+            if use_cache:
                 x, cache = self._run_blocks(self.wte(codes[:, i : i + 1]), start=n_prefix + i, cache=cache)
+            else:
+                x, _ = self._run_blocks(torch.cat([start, self.wte(codes[:, : i + 1])], dim=1), start=0)
         return codes
