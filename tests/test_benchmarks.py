@@ -1,6 +1,7 @@
 """The benchmark scripts run (at toy size): their numbers are printed, not asserted."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -20,3 +21,12 @@ def test_packing_benchmark_packs_the_same_tokens_into_fewer_rows(capsys):
     assert packed["useful"] == padded["useful"] > 0
     assert packed["rows"] < padded["rows"] and packed["total"] < padded["total"]
     assert "useful tok/s" in capsys.readouterr().out
+
+
+def test_generation_benchmark_gets_the_same_images_with_and_without_the_caches(capsys):
+    args = ["--device", "cpu", "--hidden", "32", "--layers", "1", "--batch", "2", "--caption-tokens", "3"]
+    results = _load("generation").main(args)  # raises if the cached and recomputed outputs differ
+    assert {"speed-up 1", "speed-up 2", "speed-up captioning"} <= set(results)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "images/s" in lines[2] and "tokens/s" in lines[-3]
+    assert re.fullmatch(r"generation speed-up vs recompute: \d+\.\d\dx", lines[-1])
