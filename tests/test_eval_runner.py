@@ -2,6 +2,7 @@
 and scored; ranking and beam search; the CLI."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +120,47 @@ def test_answers_to_other_prompts_are_not_resumed(toy_data, tiny_eval_model):
     assert {p.request for p in fresh.values()} == {
         r.fingerprint() for r in LongerToy(toy_data, limit=3).requests()
     }
+
+
+class Drawing(Task):
+    """Two text-to-image requests (one id that is no file name) and one edit of an image."""
+
+    name = "drawing"
+
+    def requests(self) -> list[Request]:
+        t2i = "USER: a red square Generate an image based on the description. ASSISTANT:"
+        return [
+            Request("coco/1", t2i, output="image"),
+            Request("2", t2i.replace("red", "blue"), output="image"),
+            Request(
+                "edit", "USER: <image> Make it green. ASSISTANT:", [str(self.data / "0.png")], output="image"
+            ),
+        ]
+
+    def score(self, predictions: dict[str, Prediction]) -> dict:
+        return {"drawn": sum(p.image is not None for p in predictions.values())}
+
+    def table(self, scores: dict) -> str:
+        return markdown_table(["drawn"], [[scores["drawn"]]])
+
+
+def test_image_requests_are_drawn_as_pngs_and_set_aside_with_their_run(toy_data, tiny_eval_model):
+    out = toy_data / "out"
+    assert evaluate(Drawing(toy_data), tiny_eval_model, out, "model A", batch_size=2) == {"drawn": 3}
+    preds = read_predictions_jsonl(out / "predictions.jsonl")
+    files = [preds[i].image for i in ("coco/1", "2", "edit")]
+    assert files[1].endswith("images/2.png") and "/" not in files[0].rsplit("images/", 1)[1]
+    size = tiny_eval_model.config.vqgan.resolution
+    assert all(Image.open(f).size == (size, size) and Image.open(f).format == "PNG" for f in files)
+    # greedy: the same prompt draws the same image, alone or in another batch
+    again = evaluate(Drawing(toy_data), tiny_eval_model, toy_data / "again", "model A", batch_size=1)
+    redrawn = read_predictions_jsonl(toy_data / "again" / "predictions.jsonl")["2"].image
+    assert again == {"drawn": 3} and np.array_equal(
+        np.asarray(Image.open(redrawn)), np.asarray(Image.open(files[1]))
+    )
+    evaluate(Drawing(toy_data), tiny_eval_model, out, "model B")  # another model: the images go aside too
+    (aside,) = out.glob("earlier-*")
+    assert sorted(p.name for p in (aside / "images").iterdir()) == sorted(Path(f).name for f in files)
 
 
 def test_two_processes_share_the_items_and_their_parts_are_merged(toy_data, tiny_eval_model):

@@ -13,9 +13,11 @@ prediction carries its request's fingerprint); otherwise the earlier run moves t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from morph_lightning.data_modules.instruct import prompt_pieces
@@ -31,12 +34,15 @@ from morph_lightning.data_modules.transforms import BadImage, ImageTransforms, l
 from morph_lightning.evaluation.likelihood import continuation_logprobs
 from morph_lightning.evaluation.task import Prediction, Request, Task, read_predictions_jsonl
 from morph_lightning.evaluation.text_generation import generate_text
+from morph_lightning.evaluation.world_eval import to_uint8
+from morph_lightning.generation import generate
 from morph_lightning.modeling.model import MorphModel
 from morph_lightning.modeling.sequence import Sample, shift_refs
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
 RUN_FILE = "run.json"
+IMAGES = "images"  # generated images, one PNG per image request
 
 
 # ---------------------------------------------------------------- data
@@ -91,36 +97,59 @@ class RequestDataModule(L.LightningDataModule):
 # ---------------------------------------------------------------- model
 
 
-class EvalModule(L.LightningModule):
-    """Answers a batch of requests: generated text, or the choices ranked by summed log-likelihood
-    (InstructBLIP's vocabulary ranking; a task that wants them length-normalised reads the logprobs and
-    token counts from the prediction)."""
+def image_file(folder: Path, request_id: str) -> Path:
+    """Where a request's generated image goes: its id as the file name, made safe (a digest is added
+    when the id had to change, so two ids never share a file)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", request_id)
+    if safe != request_id:
+        safe += "-" + hashlib.sha1(request_id.encode("utf-8")).hexdigest()[:8]
+    return folder / f"{safe}.png"
 
-    def __init__(self, model: MorphModel) -> None:
+
+def _prompts(items: list[LoadedRequest]) -> tuple[list[Sample], torch.Tensor | None]:
+    """The requests' prompts as samples over one stack of all their images."""
+    prompts, pixels = [], []
+    for item in items:
+        prompts.append(Sample(shift_refs(prompt_pieces(item.request.prompt), len(pixels))))
+        pixels += item.pixels
+    return prompts, torch.stack(pixels) if pixels else None
+
+
+class EvalModule(L.LightningModule):
+    """Answers a batch of requests: generated text, the choices ranked by summed log-likelihood
+    (InstructBLIP's vocabulary ranking; a task that wants them length-normalised reads the logprobs and
+    token counts from the prediction), or a generated image, written as a PNG under `image_dir`.
+
+    Images are asked for (`start_image`: the answer starts with `<img>`) and decoded greedily, text and
+    codes alike, as the world evaluation does: the same model draws the same image every run."""
+
+    def __init__(self, model: MorphModel, image_dir: Path | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.image_dir = model, image_dir
 
     def predict_step(self, batch: list[LoadedRequest], batch_idx: int) -> list[Prediction]:
         self.model.eval()
         out: dict[str, Prediction] = {}
         generate: dict[tuple, list[LoadedRequest]] = defaultdict(list)
+        draw: list[LoadedRequest] = []
         for item in batch:
             r = item.request
             if item.error is not None:
                 out[r.id] = Prediction(r.id, error=item.error, request=r.fingerprint())
             elif r.choices is not None:
                 out[r.id] = self._rank(item)
+            elif r.output == "image":
+                draw.append(item)
             else:
                 generate[(r.max_new_tokens, r.min_new_tokens, r.num_beams, r.length_penalty)].append(item)
+        if draw:
+            out |= self._draw(draw)
         for (max_new, min_new, beams, penalty), items in generate.items():
-            prompts, pixels = [], []
-            for item in items:
-                prompts.append(Sample(shift_refs(prompt_pieces(item.request.prompt), len(pixels))))
-                pixels += item.pixels
+            prompts, pixels = _prompts(items)
             texts = generate_text(
                 self.model,
                 prompts,
-                torch.stack(pixels) if pixels else None,
+                pixels,
                 max_new_tokens=max_new,
                 min_new_tokens=min_new,
                 num_beams=beams,
@@ -130,6 +159,27 @@ class EvalModule(L.LightningModule):
                 r = item.request
                 out[r.id] = Prediction(r.id, text=text.strip(), request=r.fingerprint())
         return [out[item.request.id] for item in batch]
+
+    def _draw(self, items: list[LoadedRequest]) -> dict[str, Prediction]:
+        if self.image_dir is None:
+            raise ValueError("image requests need an image_dir to write their PNGs to")
+        prompts, pixels = _prompts(items)
+        steps = self.model.num_tokens + 2  # <img>, the morph tokens, </img>
+        drawn = generate(
+            self.model,
+            prompts,
+            pixels,
+            max_new_tokens=steps,
+            start_image=True,
+            temperature=0.0,
+            image_temperature=0.0,
+        )
+        out = {}
+        for k, item in enumerate(items):
+            r, path = item.request, image_file(self.image_dir, item.request.id)
+            write_png(drawn.pixels[drawn.images[k][0]], path)
+            out[r.id] = Prediction(r.id, image=str(path.resolve()), request=r.fingerprint())
+        return out
 
     def _rank(self, item: LoadedRequest) -> Prediction:
         r = item.request
@@ -163,6 +213,15 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
 
 # ---------------------------------------------------------------- files
+
+
+def write_png(pixels: torch.Tensor, path: Path) -> None:
+    """An image [3, H, W] in [-1, 1] as a PNG, written whole under a temporary name (a rerun of an item
+    whose prediction was lost writes its image again)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    Image.fromarray(to_uint8(pixels)).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def write_atomic(path: Path, text: str, keep_earlier: bool = True) -> None:
@@ -205,6 +264,8 @@ def _set_aside(out: Path, why: str) -> None:
             os.replace(path, aside / path.name)
     for part in out.glob("predictions.part*.jsonl"):
         os.replace(part, aside / part.name)
+    if (out / IMAGES).exists():  # the earlier run's generated images go with its predictions
+        os.replace(out / IMAGES, aside / IMAGES)
     print(f"[evaluate] {out} held a run with {why}: its files are now in {aside}")
 
 
@@ -275,7 +336,7 @@ def evaluate(
         )
         data = RequestDataModule(pending, image_transforms(model), batch_size, num_workers)
         start = time.perf_counter()
-        trainer.predict(EvalModule(model), datamodule=data, return_predictions=False)
+        trainer.predict(EvalModule(model, out / IMAGES), datamodule=data, return_predictions=False)
         trainer.strategy.barrier()  # every rank's part is written before rank 0 merges them
         if not trainer.is_global_zero:
             return None

@@ -35,6 +35,7 @@ class Request:
     min_new_tokens: int = 0
     num_beams: int = 1
     length_penalty: float = 1.0
+    output: str = "text"  # "image": the answer is one generated image (text-to-image, editing)
 
     def __post_init__(self) -> None:
         if self.prompt.count(IMAGE_MARK) != len(self.images):
@@ -42,12 +43,16 @@ class Request:
                 f"request {self.id}: {self.prompt.count(IMAGE_MARK)} {IMAGE_MARK} marks but "
                 f"{len(self.images)} images"
             )
+        if self.output not in ("text", "image"):
+            raise ValueError(f"request {self.id}: output must be 'text' or 'image', got {self.output!r}")
 
     def fingerprint(self) -> str:
         """A digest of what is asked and how (prompt, images, choices, decoding): an answer stored for
         this id is this request's answer only if the digests agree (a task option may change them)."""
         what = [self.prompt, [str(src) for src in self.images], self.choices]
         what += [self.max_new_tokens, self.min_new_tokens, self.num_beams, self.length_penalty]
+        if self.output != "text":  # (text requests keep the digests of runs written before images)
+            what.append(self.output)
         return hashlib.sha1(json.dumps(what).encode("utf-8")).hexdigest()[:16]
 
 
@@ -59,6 +64,7 @@ class Prediction:
     choice_logprobs: list[float] | None = None
     choice_tokens: list[int] | None = None
     error: str | None = None  # why the item could not be answered (an unreadable image); scored as wrong
+    image: str | None = None  # image requests: the generated image's file (PNG)
     request: str | None = None  # the answered request's `fingerprint` (the runner's predictions)
 
     def to_json(self) -> dict[str, Any]:
@@ -69,7 +75,9 @@ class Prediction:
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str | int):
             raise ValueError(f"{where}: a prediction needs an 'id' (and 'text'), got {obj!r:.120}")
         known = {
-            k: obj[k] for k in ("text", "choice_logprobs", "choice_tokens", "error", "request") if k in obj
+            k: obj[k]
+            for k in ("text", "choice_logprobs", "choice_tokens", "error", "image", "request")
+            if k in obj
         }
         return cls(id=str(obj["id"]), **known)
 
