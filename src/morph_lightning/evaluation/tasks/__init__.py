@@ -24,6 +24,9 @@ TASKS: dict[str, str] = {
     "msrvtt-qa": "video_qa:MSRVTTQA",
     "mme": "mme:MME",
     "world-text": "world_text:WorldText",
+    "coco-t2i": "text_to_image:CocoKarpathyTextToImage",
+    "coco-val30k-t2i": "text_to_image:CocoVal30kTextToImage",
+    "flickr30k-t2i": "text_to_image:Flickr30kTextToImage",
 }
 
 

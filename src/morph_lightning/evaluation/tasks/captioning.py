@@ -158,25 +158,9 @@ class KarpathyCaption(CaptionTask):
     OPTIONS = {**CaptionTask.OPTIONS, "split": "test"}
 
     def load(self, annotations: Any) -> list[CaptionItem]:
-        root, where = self.folder("images"), str(self.path("file"))
-        refs: dict[str, list[str]] = {}
-        if isinstance(annotations, dict) and "images" in annotations:
-            for record in annotations["images"]:
-                need(record, ("filename", "split", "sentences"), where)
-                if record["split"] == self.options["split"]:
-                    path = str(Path(record.get("filepath", "")) / record["filename"])
-                    refs[path] = [s["raw"] for s in record["sentences"]]
-        elif isinstance(annotations, list):
-            for record in annotations:
-                need(record, ("image", "caption"), where)
-                caption = record["caption"]
-                refs.setdefault(record["image"], []).extend(
-                    [caption] if isinstance(caption, str) else caption
-                )
-        else:
-            raise ValueError(f"{where}: expected LAVIS' list of records or Karpathy's {{'images': [...]}}")
-        # The file name without its extension is unique in both sets (COCO_val2014_000000391895, 1007129816).
-        return [CaptionItem(Path(path).stem, root / path, r) for path, r in refs.items()]
+        return karpathy_items(
+            annotations, self.folder("images"), self.options["split"], str(self.path("file"))
+        )
 
 
 class CocoKarpathyCaption(KarpathyCaption):
@@ -205,20 +189,46 @@ class NoCapsCaption(CaptionTask):
     OPTIONS = {**CaptionTask.OPTIONS, "file": "nocaps_val_4500_captions.json"}
 
     def load(self, annotations: Any) -> list[CaptionItem]:
-        where = str(self.path("file"))
-        if not isinstance(annotations, dict) or not {"images", "annotations"} <= set(annotations):
-            raise ValueError(f"{where}: expected a COCO-format file with 'images' and 'annotations'")
-        refs: dict[Any, list[str]] = {}
-        for ann in annotations["annotations"]:
-            need(ann, ("image_id", "caption"), where)
-            refs.setdefault(ann["image_id"], []).append(ann["caption"])
-        root, items = self.folder("images"), []
-        for image in annotations["images"]:
-            need(image, ("id", "file_name"), where)
-            if image["id"] in refs:  # images without references cannot be scored
-                items.append(
-                    CaptionItem(
-                        str(image["id"]), root / image["file_name"], refs[image["id"]], image.get("domain")
-                    )
+        return coco_format_items(annotations, self.folder("images"), str(self.path("file")))
+
+
+def karpathy_items(annotations: Any, root: Path, split: str, where: str) -> list[CaptionItem]:
+    """The images of a Karpathy split with their references, from LAVIS' list of {"image", "caption"} or
+    Karpathy's own {"images": [{"filepath", "filename", "split", "sentences": [{"raw"}]}]} (`split`'s)."""
+    refs: dict[str, list[str]] = {}
+    if isinstance(annotations, dict) and "images" in annotations:
+        for record in annotations["images"]:
+            need(record, ("filename", "split", "sentences"), where)
+            if record["split"] == split:
+                path = str(Path(record.get("filepath", "")) / record["filename"])
+                refs[path] = [s["raw"] for s in record["sentences"]]
+    elif isinstance(annotations, list):
+        for record in annotations:
+            need(record, ("image", "caption"), where)
+            caption = record["caption"]
+            refs.setdefault(record["image"], []).extend([caption] if isinstance(caption, str) else caption)
+    else:
+        raise ValueError(f"{where}: expected LAVIS' list of records or Karpathy's {{'images': [...]}}")
+    # The file name without its extension is unique in both sets (COCO_val2014_000000391895, 1007129816).
+    return [CaptionItem(Path(path).stem, root / path, r) for path, r in refs.items()]
+
+
+def coco_format_items(annotations: Any, root: Path, where: str) -> list[CaptionItem]:
+    """The images of a COCO-format caption file (images [{id, file_name, (domain)}], annotations [{image_id,
+    caption}]) that have references, image files under `root` by file name."""
+    if not isinstance(annotations, dict) or not {"images", "annotations"} <= set(annotations):
+        raise ValueError(f"{where}: expected a COCO-format file with 'images' and 'annotations'")
+    refs: dict[Any, list[str]] = {}
+    for ann in annotations["annotations"]:
+        need(ann, ("image_id", "caption"), where)
+        refs.setdefault(ann["image_id"], []).append(ann["caption"])
+    items = []
+    for image in annotations["images"]:
+        need(image, ("id", "file_name"), where)
+        if image["id"] in refs:  # images without references cannot be scored
+            items.append(
+                CaptionItem(
+                    str(image["id"]), root / image["file_name"], refs[image["id"]], image.get("domain")
                 )
-        return items
+            )
+    return items

@@ -1,0 +1,182 @@
+import re
+
+import lpips as lpips_lib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+from transformers import (
+    AutoModel,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from morph_lightning.evaluation.image_metrics import ImageScorer
+from morph_lightning.evaluation.perceptual import weights_path
+from tiny_scorers import TINY_VISION, save_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny random CLIP (32 px) and DINO-like ViT (224 px, MagicBrush's crop) saved as from_pretrained
+    reads them, and an AlexNet state dict in a temporary torch hub cache for LPIPS (nothing downloaded)."""
+    root = tmp_path_factory.mktemp("image_models")
+    torch.manual_seed(0)
+    save_tiny_clip(root / "clip")
+    ViTModel(ViTConfig(**TINY_VISION, image_size=224, patch_size=16)).save_pretrained(root / "dino")
+    old_hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(root / "hub"))
+    weights_path().parent.mkdir(parents=True)
+    torch.save(torchvision.models.alexnet().state_dict(), weights_path())  # random init stands in
+    yield root
+    torch.hub.set_dir(old_hub)
+
+
+@pytest.fixture(scope="module")
+def scorer(models):
+    # one tiny CLIP serves both here; the defaults differ (CLIP ViT-L/14 vs CVS ViT-B/32)
+    return ImageScorer(
+        clip_model=str(models / "clip"), cvs_model=str(models / "clip"), dino_model=str(models / "dino")
+    )
+
+
+def _random_images(n, size=(40, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+PAIR = ([Image.new("RGB", (40, 40))], [Image.new("RGB", (40, 40), (9, 9, 9))])  # (generated, reference)
+
+
+def test_l1_l2_by_hand():
+    scorer = ImageScorer(clip_model="nobody/no-such-clip")  # models load lazily: none is needed here
+    black = Image.new("RGB", (4, 4))
+    half = np.zeros((4, 4, 3), np.uint8)
+    half[:, :2] = 255
+    half = Image.fromarray(half)
+    assert scorer.l1([black], [half]) == [pytest.approx(0.5)]
+    assert scorer.l2([black], [half]) == [pytest.approx(0.5)]  # 1^2 over half the pixels
+    assert scorer.l1([half, black], [half, black]) == [0.0, 0.0]
+    assert scorer.l2([half], [half]) == [0.0]
+    # a grey-level image is compared as RGB
+    assert scorer.l1([Image.new("L", (4, 4), 255)], [Image.new("RGB", (4, 4), (255, 255, 255))]) == [0.0]
+
+
+def test_l1_resizes_generated_to_reference_size():
+    scorer = ImageScorer()
+    # a constant image stays constant under any resize filter
+    assert scorer.l1([Image.new("RGB", (2, 2), (100, 100, 100))], [Image.new("RGB", (4, 4))]) == [
+        pytest.approx(100 / 255)
+    ]
+    gen, ref = _random_images(1, (2, 2))[0], _random_images(1, (4, 4), seed=1)[0]
+    upsampled = np.asarray(gen.resize((4, 4)), np.float64)  # PIL's default filter, as MagicBrush
+    expected = np.abs(upsampled - np.asarray(ref, np.float64)).mean() / 255
+    assert scorer.l1([gen], [ref]) == [pytest.approx(expected, abs=1e-6)]
+    assert scorer.l2([gen], [ref]) == [
+        pytest.approx((((upsampled - np.asarray(ref, np.float64)) / 255) ** 2).mean(), abs=1e-6)
+    ]
+
+
+def test_similarities_of_identical_and_different_images(scorer):
+    a, b, c = _random_images(3)
+    for metric in (scorer.clip_similarity, scorer.cvs, scorer.dino_similarity):
+        same = metric([a, b], [a, b])
+        assert same == [pytest.approx(100, abs=1e-3)] * 2
+        assert all(s < 100 - 1e-3 for s in metric([a, b], [c, a]))
+
+
+def test_clip_similarity_equals_direct_computation(models):
+    scorer = ImageScorer(clip_model=str(models / "clip"), batch_size=2)  # 3 pairs: two batches
+    generated, reference = _random_images(3), _random_images(3, (64, 48), seed=1)
+    model = CLIPModel.from_pretrained(models / "clip").eval()
+    processor = CLIPImageProcessorPil.from_pretrained(models / "clip")
+    with torch.no_grad():
+        a, b = (
+            model.get_image_features(**processor(images, return_tensors="pt")).pooler_output
+            for images in (generated, reference)
+        )
+    expected = (F.cosine_similarity(a, b) * 100).tolist()
+    assert scorer.clip_similarity(generated, reference) == pytest.approx(expected, abs=1e-4)
+
+
+def test_dino_similarity_equals_magicbrush_computation(models, scorer):
+    generated, reference = _random_images(2, (64, 48)), _random_images(2, (300, 260), seed=1)
+    model = AutoModel.from_pretrained(models / "dino").eval()
+    transform = T.Compose(  # MagicBrush's evaluation/image_eval.py
+        [
+            T.Resize(256, interpolation=3),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+    with torch.no_grad():
+        a, b = (
+            model(pixel_values=torch.stack([transform(i) for i in images])).last_hidden_state[:, 0]
+            for images in (generated, reference)
+        )
+    expected = (F.cosine_similarity(a, b) * 100).tolist()
+    assert scorer.dino_similarity(generated, reference) == pytest.approx(expected, abs=1e-4)
+
+
+def test_processors_take_any_size(scorer):
+    small, large = _random_images(1, (64, 48))[0], _random_images(1, (300, 200), seed=2)[0]
+    for metric in (scorer.clip_similarity, scorer.dino_similarity, scorer.lpips, scorer.l1):
+        (score,) = metric([small], [large])
+        assert np.isfinite(score)
+
+
+def test_lpips(scorer):
+    a, b = _random_images(2, (64, 48))
+    assert scorer.lpips([a], [a]) == [pytest.approx(0, abs=1e-6)]
+    (different,) = scorer.lpips([a], [b])
+    assert different > 0
+    # GILL's lpips_2dirs.py: lpips.im2tensor, then both resized to 256x256 with antialiasing
+    model = scorer._lpips
+    x, y = (TF.resize(lpips_lib.im2tensor(np.asarray(i)), [256, 256], antialias=True) for i in (a, b))
+    with torch.no_grad():
+        assert different == pytest.approx(model(x, y).item(), abs=1e-6)
+
+
+def test_missing_models_say_what_to_do(tmp_path):
+    where = str(tmp_path / "clip-l14")
+    message = f"CLIP model '{where}' not found locally: save it with CLIPModel"
+    with pytest.raises(FileNotFoundError, match=re.escape(message)):
+        ImageScorer(clip_model=where).clip_similarity(*PAIR)
+    with pytest.raises(FileNotFoundError, match="CLIP model 'nobody/no-such-clip'.*--option cvs_model=DIR"):
+        ImageScorer(cvs_model="nobody/no-such-clip").cvs(*PAIR)
+    with pytest.raises(FileNotFoundError, match="DINO model .*--option dino_model=DIR"):
+        ImageScorer(dino_model=str(tmp_path / "dino")).dino_similarity(*PAIR)
+    with pytest.raises(ValueError, match="no DINO model given"):
+        ImageScorer().dino_similarity(*PAIR)
+    with pytest.raises(ValueError, match="LPIPS is off"):
+        ImageScorer(lpips_net=None).lpips(*PAIR)
+
+
+def test_missing_lpips_weights_name_the_path(tmp_path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    try:
+        with pytest.raises(FileNotFoundError, match=re.escape(str(weights_path()))):
+            ImageScorer().lpips(*PAIR)
+        assert not weights_path().exists()  # nothing was downloaded
+    finally:
+        torch.hub.set_dir(old)
+
+
+def test_score_pairs(scorer):
+    generated, reference = _random_images(3), _random_images(3, seed=1)
+    scores = scorer.score_pairs(generated, reference, ("l1", "clip", "lpips"))
+    assert list(scores) == ["l1", "clip", "lpips"]
+    assert scores["l1"] == pytest.approx(np.mean(scorer.l1(generated, reference)))
+    assert scores["clip"] == pytest.approx(np.mean(scorer.clip_similarity(generated, reference)))
+    with pytest.raises(ValueError, match="unknown image metrics"):
+        scorer.score_pairs(generated, reference, ("fid",))
+    with pytest.raises(ValueError, match="3 generated images but 2 reference"):
+        scorer.score_pairs(generated, reference[:2], ("l1",))
