@@ -47,7 +47,30 @@ class CaptionEncoder(nn.Module):
         return (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
 
 
-class ContrastiveTowers(L.LightningModule):
+class ContrastivePairs(L.LightningModule):
+    """Image-text pairs trained with CLIP's symmetric InfoNCE over the batch. Subclasses give
+    `embeddings(pixels, captions)` (unit-norm image and text embeddings) and a learnable `logit_scale`."""
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image, text = self.embeddings(batch["vision_pixels"], batch["captions"])
+        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T
+        target = torch.arange(len(image), device=image.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return {"loss": loss, "i2t_acc": (logits.argmax(1) == target).float().mean()}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.losses(batch)
+        self.log_dict(
+            {f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["captions"])
+        )
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["captions"]))
+
+
+class ContrastiveTowers(ContrastivePairs):
     def __init__(
         self,
         vision: dict[str, Any],
@@ -79,24 +102,6 @@ class ContrastiveTowers(L.LightningModule):
         image = self.image_proj(self.image_tower(vision_pixels).mean(1))
         text = self.text_proj(self.text_tower(captions))
         return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-
-    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        image, text = self.embeddings(batch["vision_pixels"], batch["captions"])
-        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T
-        target = torch.arange(len(image), device=image.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        return {"loss": loss, "i2t_acc": (logits.argmax(1) == target).float().mean()}
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.losses(batch)
-        self.log_dict(
-            {f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["captions"])
-        )
-        return losses["loss"]
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses = self.losses(batch)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["captions"]))
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
