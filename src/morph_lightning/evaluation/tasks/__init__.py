@@ -27,6 +27,10 @@ TASKS: dict[str, str] = {
     "coco-t2i": "text_to_image:CocoKarpathyTextToImage",
     "coco-val30k-t2i": "text_to_image:CocoVal30kTextToImage",
     "flickr30k-t2i": "text_to_image:Flickr30kTextToImage",
+    "magicbrush-edit": "editing:MagicBrushEdit",
+    "evr-edit": "editing:EVREdit",
+    "ma5k-edit": "editing:MA5kEdit",
+    "ip2p-edit": "editing:InstructPix2PixEdit",
 }
 
 
