@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install -c constraints.txt
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test lint demo eval-demon world-towers fit-tiny clean
+.PHONY: install test lint demo eval-demon eval-generation world-towers fit-tiny clean
 
 install: $(STAMP)
 
@@ -42,6 +42,33 @@ else
 	@test -n "$(DEMON_DIR)" -a -n "$(CKPT)" || { echo "eval-demon: set both DEMON_DIR and CKPT (or neither, for the world)"; exit 2; }
 	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning evaluate demon --data $(DEMON_DIR) \
 		--checkpoint $(CKPT) --out $(or $(OUT),eval_out/demon)
+endif
+
+# Generation (Tables 4 and 5): `make eval-generation CKPT=stage3.ckpt CLIP=clip-vit-large-patch14-dir
+# CVS=clip-vit-base-patch32-dir [COCO_DIR=... FLICKR_DIR=... COCO_VAL_DIR=... MAGICBRUSH_DIR=...]` runs each set
+# whose folder is given. With no CKPT, the demo's stage-3 model on the world's text-to-image and editing
+# splits written in the COCO-caption and MagicBrush layouts (run `make demo` first), scored by L1: the world
+# ships no CLIP, so CLIP similarity and CVS need CLIP=/CVS= folders. Tables under eval_out/.
+COCO_DIR ?=
+FLICKR_DIR ?=
+COCO_VAL_DIR ?=
+MAGICBRUSH_DIR ?=
+CLIP ?=
+CVS ?=
+EVAL := HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning evaluate
+eval-generation: install
+ifeq ($(CKPT),)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning.evaluation.world_generation data/world data/world/generation
+	$(EVAL) coco-t2i --data data/world/generation --checkpoint runs/world/stage3/last.ckpt \
+		--out eval_out/world_t2i --limit 200 --option clip_model=$(CLIP) --option l1=true
+	$(EVAL) magicbrush-edit --data data/world/generation/magicbrush --checkpoint runs/world/stage3/last.ckpt \
+		--out eval_out/world_edit --limit 200 --option cvs_model=$(CVS)
+else
+	@test -n "$(CLIP)" -a -n "$(CVS)" || { echo "eval-generation: set CLIP and CVS (saved CLIP ViT-L/14 and ViT-B/32 folders)"; exit 2; }
+	$(if $(COCO_DIR),$(EVAL) coco-t2i --data $(COCO_DIR) --checkpoint $(CKPT) --out eval_out/coco_t2i --option clip_model=$(CLIP))
+	$(if $(COCO_VAL_DIR),$(EVAL) coco-val30k-t2i --data $(COCO_VAL_DIR) --checkpoint $(CKPT) --out eval_out/coco_val30k_t2i --option clip_model=$(CLIP))
+	$(if $(FLICKR_DIR),$(EVAL) flickr30k-t2i --data $(FLICKR_DIR) --checkpoint $(CKPT) --out eval_out/flickr30k_t2i --option clip_model=$(CLIP))
+	$(if $(MAGICBRUSH_DIR),$(EVAL) magicbrush-edit --data $(MAGICBRUSH_DIR) --checkpoint $(CKPT) --out eval_out/magicbrush_edit --option cvs_model=$(CVS))
 endif
 
 # The world's stage-0 towers that the demo starts from (towers/world/), trained again from scratch

@@ -11,8 +11,10 @@ from morph_lightning.data_modules.world.demon import MAKERS
 from morph_lightning.data_modules.world.writer import write_world
 from morph_lightning.evaluate import main as evaluate_main
 from morph_lightning.evaluation.runner import evaluate
+from morph_lightning.evaluation.tasks import get_task
 from morph_lightning.evaluation.tasks.demon import Demon
 from morph_lightning.evaluation.tasks.world_text import WorldText
+from morph_lightning.evaluation.world_generation import write_generation_splits
 
 SMALL = {"num_pairs": 8, "num_val_pairs": 4, "num_instruct": 30, "num_val_instruct": 60}
 
@@ -110,3 +112,30 @@ def test_an_unknown_category_in_the_metadata_is_named(world, tmp_path):
     path.write_text(json.dumps(body))
     with pytest.raises(ValueError, match="unknown category 'poetry'"):
         Demon(tmp_path)
+
+
+def test_the_generation_splits_are_read_by_the_public_benchmarks_tasks(world, tmp_path, tiny_eval_model):
+    """`make eval-generation` without paths: the world's text-to-image records in LAVIS' COCO layout and its
+    edits and chains as MagicBrush's Hub dataset, scored by L1 (the world ships no CLIP)."""
+    records = [json.loads(line) for line in (world / "instruct" / "val.jsonl").read_text().splitlines()]
+    sizes = write_generation_splits(world, tmp_path / "gen")
+    t2i = [r for r in records if r["task"] == "t2i"]
+    chains = {r["chain"] for r in records if r["task"] == "chain"}
+    assert sizes["text-to-image"] == len(t2i) > 0 and sizes["sessions"] == sum(
+        r["task"] == "edit" for r in records
+    ) + len(chains)
+    task = get_task("coco-t2i")(tmp_path / "gen", clip_model="", l1="true")
+    assert [r.prompt for r in task.requests()] == [
+        r["input_text"] for r in t2i
+    ]  # the training template, unchanged
+    assert evaluate(task, tiny_eval_model, tmp_path / "t2i", "tiny")["l1"] > 0
+    edit = get_task("magicbrush-edit")(tmp_path / "gen" / "magicbrush", cvs_model="")
+    asked = {r.id: r for r in edit.requests()}
+    for r in records:
+        if r["task"] == "edit":
+            assert asked[f"{r['id']}_1"].prompt == r["input_text"]
+    scores = evaluate(edit, tiny_eval_model, tmp_path / "edit", "tiny")
+    assert scores["scored"] == scores["pairs"] > 0 and scores["l1"] > 0 and scores["cvs_model"] is None
+    before = (tmp_path / "gen" / "coco_karpathy_test.json").stat().st_mtime_ns
+    write_generation_splits(world, tmp_path / "gen")  # a second run leaves the splits as they are
+    assert (tmp_path / "gen" / "coco_karpathy_test.json").stat().st_mtime_ns == before

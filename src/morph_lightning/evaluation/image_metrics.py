@@ -225,3 +225,19 @@ class ImageScorer:
         if not generated:
             raise ValueError("no image pairs to score")
         return {m: float(np.mean(getattr(self, self.METRICS[m])(generated, reference))) for m in metrics}
+
+    def mean_over_files(
+        self,
+        pairs: list[tuple[object, object]],
+        metrics: tuple[str, ...],
+        read: Callable[[object], Image.Image],
+    ) -> dict[str, float | None]:
+        """The mean of each metric over (generated, reference) image sources, read with `read` a batch at a
+        time, so a 30k-image set is never in memory at once; None for a metric when there are no pairs."""
+        per_pair: dict[str, list[float]] = {m: [] for m in metrics}
+        for k in range(0, len(pairs), self.batch_size):
+            chunk = pairs[k : k + self.batch_size]
+            generated, reference = [read(g) for g, _ in chunk], [read(r) for _, r in chunk]
+            for m in metrics:
+                per_pair[m] += getattr(self, self.METRICS[m])(generated, reference)
+        return {m: float(np.mean(v)) if v else None for m, v in per_pair.items()}

@@ -127,7 +127,7 @@ class EditTask(BenchmarkTask):
     ABLATION_AT: ClassVar[int | None] = None  # the set's column in TABLE8 rows
     OPTIONS = {
         "images": "images",
-        "cvs_model": "openai/clip-vit-base-patch32",
+        "cvs_model": "openai/clip-vit-base-patch32",  # "": no CVS (the world ships no CLIP)
         "dino_model": "",
         "lpips": False,
         "device": "cpu",
@@ -175,7 +175,7 @@ class EditTask(BenchmarkTask):
         return found
 
     def metrics(self) -> tuple[str, ...]:
-        names = ["l1", "l2", "cvs"]
+        names = ["l1", "l2"] + (["cvs"] if self.options["cvs_model"] else [])
         names += ["dino"] if self.options["dino_model"] else []
         names += ["lpips"] if self.options["lpips"] else []
         return tuple(names)
@@ -195,20 +195,14 @@ class EditTask(BenchmarkTask):
             device=self.options["device"],
             batch_size=self.options["batch_size"],
         )
-        per_pair: dict[str, list[float]] = {m: [] for m in metrics}
-        step = self.options["batch_size"]
-        for k in range(0, len(pairs), step):  # a chunk of images in memory at a time
-            chunk = pairs[k : k + step]
-            generated, reference = [_image(g) for g, _ in chunk], [_image(r) for _, r in chunk]
-            for m in metrics:
-                per_pair[m] += getattr(scorer, ImageScorer.METRICS[m])(generated, reference)
+        means = scorer.mean_over_files(pairs, metrics, _image)
         total = len(self.scored())
         return {
-            **{m: (sum(v) / len(v) if v else None) for m, v in per_pair.items()},
+            **means,
             "pairs": total,
             "scored": len(pairs),
             "missing": total - len(pairs),
-            "cvs_model": self.options["cvs_model"],
+            "cvs_model": self.options["cvs_model"] or None,
             "dino_model": self.options["dino_model"] or None,
             "scale": "l1, l2, lpips raw (in [0, 1]); cvs, dino cosine x100",
         }
@@ -233,8 +227,9 @@ class EditTask(BenchmarkTask):
             rows = [[f"{model} (paper)", *values[cut]] for model, values in TABLE5.items()]
         rows.append(["this run", *(self._shown(scores, m) for m in self.COLUMNS)])
         text = markdown_table(header, rows)
+        cvs = f"CLIP {scores['cvs_model']}" if scores["cvs_model"] else "no CLIP given: option cvs_model"
         text += (
-            f"\n{self.coverage(scores)}. L1 and LPIPS x100, CVS (CLIP {scores['cvs_model']}) and DINO "
+            f"\n{self.coverage(scores)}. L1 and LPIPS x100, CVS ({cvs}) and DINO "
             "cosine x100, as Table 5 prints them.\n"
         )
         extra = [m for m in self.metrics() if m not in self.COLUMNS]

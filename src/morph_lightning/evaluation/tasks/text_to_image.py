@@ -47,7 +47,8 @@ class TextToImageTask(BenchmarkTask):
         "file": "",
         "images": "images",
         "caption": 0,
-        "clip_model": "openai/clip-vit-large-patch14",
+        "clip_model": "openai/clip-vit-large-patch14",  # "": no CLIP (the world ships none)
+        "l1": False,  # also L1 to the ground truth (meaningful where images are exact renders: the world)
         "device": "cpu",
         "batch_size": 32,
     }
@@ -94,16 +95,16 @@ class TextToImageTask(BenchmarkTask):
             device=self.options["device"],
             batch_size=self.options["batch_size"],
         )
-        sims = []
-        step = self.options["batch_size"]
-        for k in range(0, len(pairs), step):  # a chunk of images in memory at a time
-            chunk = pairs[k : k + step]
-            sims += scorer.clip_similarity([_rgb(g) for g, _ in chunk], [_rgb(r) for _, r in chunk])
+        metrics = tuple(
+            m for m, on in (("clip", self.options["clip_model"]), ("l1", self.options["l1"])) if on
+        )
+        means = scorer.mean_over_files(pairs, metrics, _rgb)
         return {
-            "clip_similarity": sum(sims) / len(sims) if sims else None,
+            "clip_similarity": means.get("clip"),
+            **({"l1": means["l1"]} if "l1" in means else {}),
             "images": len(self.items),
-            "scored": len(sims),
-            "clip_model": self.options["clip_model"],
+            "scored": len(pairs),
+            "clip_model": self.options["clip_model"] or None,
         }
 
     def table(self, scores: dict[str, Any]) -> str:
@@ -111,9 +112,11 @@ class TextToImageTask(BenchmarkTask):
         head = markdown_table(
             ["Model", f"{self.column} CLIP similarity"], [*rows, ["this run", scores["clip_similarity"]]]
         )
-        return (
-            head + f"\n{scores['scored']} of {scores['images']} images scored, CLIP {scores['clip_model']}.\n"
+        clip = f"CLIP {scores['clip_model']}" if scores["clip_model"] else "no CLIP given (option clip_model)"
+        l1 = (
+            f"; L1 to the ground truth x100: {100 * scores['l1']:.1f}" if scores.get("l1") is not None else ""
         )
+        return head + f"\n{scores['scored']} of {scores['images']} images scored, {clip}{l1}.\n"
 
 
 class CocoKarpathyTextToImage(TextToImageTask):
