@@ -116,6 +116,13 @@ class Task(ABC):
         return read_predictions_jsonl(path)
 
 
+def drawn_image(pred: Prediction | None) -> str | None:
+    """The file of the image a prediction drew, when it has one on disk (else the item is unanswered)."""
+    if pred is None or pred.error is not None or not pred.image or not Path(pred.image).exists():
+        return None
+    return pred.image
+
+
 def read_predictions_jsonl(path: Path) -> dict[str, Prediction]:
     """id -> Prediction from a jsonl file. A last line cut short (a run killed mid-write) is ignored;
     any other bad line stops with its file:line."""

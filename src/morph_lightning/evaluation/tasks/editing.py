@@ -40,6 +40,7 @@ from morph_lightning.evaluation.task import (
     ImageSource,
     Prediction,
     Request,
+    drawn_image,
     markdown_table,
     read_predictions_jsonl,
 )
@@ -183,11 +184,8 @@ class EditTask(BenchmarkTask):
     def score(self, predictions: dict[str, Prediction]) -> dict[str, Any]:
         from morph_lightning.evaluation.image_metrics import ImageScorer  # loads its models only to score
 
-        pairs = []
-        for id, target in self.scored():
-            pred = predictions.get(id)
-            if pred is not None and pred.error is None and pred.image and Path(pred.image).exists():
-                pairs.append((pred.image, target))
+        drawn = [(drawn_image(predictions.get(id)), target) for id, target in self.scored()]
+        pairs = [(image, target) for image, target in drawn if image is not None]
         metrics = self.metrics()
         scorer = ImageScorer(
             cvs_model=self.options["cvs_model"],

@@ -24,18 +24,18 @@ import random
 from pathlib import Path
 from typing import Any, ClassVar
 
-from PIL import Image
-
 from morph_lightning.data_modules.sources.templates import TEXT_TO_IMAGE
+from morph_lightning.data_modules.transforms import load_image
 from morph_lightning.evaluation.runner import image_file
-from morph_lightning.evaluation.task import Prediction, Request, markdown_table, read_predictions_jsonl
+from morph_lightning.evaluation.task import (
+    Prediction,
+    Request,
+    drawn_image,
+    markdown_table,
+    read_predictions_jsonl,
+)
 from morph_lightning.evaluation.tasks.captioning import CaptionItem, coco_format_items, karpathy_items
 from morph_lightning.evaluation.tasks.common import BenchmarkTask, read_json
-
-
-def _rgb(path: str | Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 class TextToImageTask(BenchmarkTask):
@@ -83,13 +83,8 @@ class TextToImageTask(BenchmarkTask):
     def score(self, predictions: dict[str, Prediction]) -> dict[str, Any]:
         from morph_lightning.evaluation.image_metrics import ImageScorer  # loads CLIP only to score
 
-        pairs = [
-            (predictions[item.id].image, item.image)
-            for item in self.items
-            if item.id in predictions
-            and predictions[item.id].image
-            and Path(predictions[item.id].image).exists()
-        ]
+        drawn = [(drawn_image(predictions.get(item.id)), item.image) for item in self.items]
+        pairs = [(image, reference) for image, reference in drawn if image is not None]
         scorer = ImageScorer(
             clip_model=self.options["clip_model"],
             device=self.options["device"],
@@ -98,7 +93,7 @@ class TextToImageTask(BenchmarkTask):
         metrics = tuple(
             m for m, on in (("clip", self.options["clip_model"]), ("l1", self.options["l1"])) if on
         )
-        means = scorer.mean_over_files(pairs, metrics, _rgb)
+        means = scorer.mean_over_files(pairs, metrics, load_image)
         return {
             "clip_similarity": means.get("clip"),
             **({"l1": means["l1"]} if "l1" in means else {}),
