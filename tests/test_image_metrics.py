@@ -1,4 +1,7 @@
+import json
 import re
+import shutil
+from pathlib import Path
 
 import lpips as lpips_lib
 import numpy as np
@@ -8,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+import yaml
 from PIL import Image
 from transformers import (
     AutoModel,
@@ -17,9 +21,17 @@ from transformers import (
     ViTModel,
 )
 
+from morph_lightning.data_modules.transforms import ImageTransforms
 from morph_lightning.evaluation.image_metrics import ImageScorer
 from morph_lightning.evaluation.perceptual import weights_path
+from morph_lightning.stages.contrastive_towers import ContrastiveTowers, tower_args_path
 from tiny_scorers import TINY_VISION, save_tiny_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+# the world's stage-0 image tower (48 px, 2 blocks of width 64): tiny, and the one the world ships
+WORLD_TOWER = yaml.safe_load((ROOT / "configs/world/stage0_clip.yaml").read_text())["model"]["init_args"][
+    "vision"
+]
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +192,63 @@ def test_score_pairs(scorer):
         scorer.score_pairs(generated, reference, ("fid",))
     with pytest.raises(ValueError, match="3 generated images but 2 reference"):
         scorer.score_pairs(generated, reference[:2], ("l1",))
+
+
+@pytest.fixture(scope="module")
+def exported_tower(tmp_path_factory):
+    """A randomly initialised world image tower and the file `export_image_tower` wrote it to."""
+    torch.manual_seed(0)
+    towers = ContrastiveTowers(vision=WORLD_TOWER).eval()
+    path = tmp_path_factory.mktemp("tower") / "vision.safetensors"
+    towers.export_image_tower(path)
+    return towers.image_tower, path
+
+
+def test_export_writes_the_sidecar_shipped_with_the_world(exported_tower):
+    _, path = exported_tower
+    sidecar = tower_args_path(path)
+    assert sidecar.name == "vision.json"
+    assert json.loads(sidecar.read_text()) == {**WORLD_TOWER, "pretrained": False, "frozen": True}
+    assert sidecar.read_text() == (ROOT / "towers/world/vision.json").read_text()
+
+
+def test_tower_similarities_of_identical_and_different_images(exported_tower):
+    _, path = exported_tower
+    scorer = ImageScorer(clip_model=str(path), cvs_model=str(path))
+    a, b, c = _random_images(3)
+    for metric in (scorer.clip_similarity, scorer.cvs):
+        assert metric([a, b], [a, b]) == [pytest.approx(100, abs=1e-3)] * 2
+        assert all(s < 100 - 1e-3 for s in metric([a, b], [c, a]))
+
+
+def test_tower_similarity_equals_direct_computation(exported_tower):
+    """The scorer reads the exported file and its sidecar back; its features are the trained tower's mean
+    token, on images prepared as stage 0 trained it (48 px, CLIP's resize, crop and mean/std)."""
+    tower, path = exported_tower
+    generated, reference = _random_images(3, (64, 48)), _random_images(3, seed=1)
+    prepare = ImageTransforms(48, 48).vision
+    with torch.no_grad():
+        a, b = (tower(torch.stack([prepare(i) for i in images])).mean(1) for images in (generated, reference))
+    expected = (F.cosine_similarity(a, b) * 100).tolist()
+    scorer = ImageScorer(clip_model=str(path), batch_size=2)  # 3 pairs: two batches
+    assert scorer.clip_similarity(generated, reference) == pytest.approx(expected, abs=1e-4)
+
+
+def test_tower_without_sidecar_or_with_unknown_arguments_says_what_to_write(exported_tower, tmp_path):
+    _, path = exported_tower
+    alone = tmp_path / "alone.safetensors"
+    shutil.copy(path, alone)
+    message = (
+        f"image tower {alone} has no {tmp_path / 'alone.json'}: write its VisionBackbone arguments there"
+    )
+    with pytest.raises(FileNotFoundError, match=re.escape(message)):
+        ImageScorer(clip_model=str(alone)).clip_similarity(*PAIR)
+    (tmp_path / "alone.json").write_text(json.dumps({**WORLD_TOWER, "img_size": 48}))
+    with pytest.raises(
+        ValueError, match=re.escape("alone.json: ['img_size'] are no VisionBackbone arguments")
+    ):
+        ImageScorer(cvs_model=str(alone)).cvs(*PAIR)
+    with pytest.raises(
+        FileNotFoundError, match=r"image tower \S*nowhere.safetensors not found \(option cvs_model\)"
+    ):
+        ImageScorer(cvs_model=str(tmp_path / "nowhere.safetensors")).cvs(*PAIR)

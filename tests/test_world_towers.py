@@ -56,6 +56,7 @@ def test_world_towers_are_reproducible_and_keep_what_they_replace(tmp_path, monk
     assert len(kept) == 1 and {p.name for p in kept[0].iterdir()} == {
         "vqgan.ckpt",
         "vision.safetensors",
+        "vision.json",
         "lm",
         "encoder.safetensors",
     }

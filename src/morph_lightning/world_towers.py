@@ -19,6 +19,7 @@ from morph_lightning.data_modules.world.writer import write_world
 from morph_lightning.demo import RUNS, STEPS, TOWER_STEPS, TOWERS, VAL_PAIRS, WORLD_DIR, WORLD_SIZE, run_step
 from morph_lightning.evaluation.tower_quality import last_val_metrics, val_batch, vqgan_scene_exact
 from morph_lightning.modeling.vqgan import VQGAN
+from morph_lightning.stages.contrastive_towers import tower_args_path
 from morph_lightning.stages.vqgan_autoencoder import VQGANAutoencoder
 
 # The metric that says how good each tower is, as its run logged it (the VQGAN's is measured here).
@@ -79,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
             step.run_dir.rename(unused(step.run_dir.with_name(f"{step.run_dir.name}.{stamp}")))
     seconds = {}
     for step in TOWER_STEPS:
-        if step.tower.exists():
-            kept.mkdir(parents=True, exist_ok=True)
-            step.tower.rename(kept / step.tower.name)
+        for path in (step.tower, tower_args_path(step.tower)):  # a tower and its arguments' sidecar
+            if path.exists():
+                kept.mkdir(parents=True, exist_ok=True)
+                path.rename(kept / path.name)
         seconds[step.name] = round(run_step(step, args.max_steps), 1)
     table = quality(args.max_steps)
     for name, row in table.items():

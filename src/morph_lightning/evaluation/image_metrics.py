@@ -11,6 +11,11 @@ Each metric follows its public reference scorer (docs: shared EVAL_PROTOCOLS.md 
 - `l1` / `l2`: MagicBrush's pixel distances in [0, 1], the generated image resized to the reference's size.
 - `lpips`: GILL's `lpips_2dirs.py`, AlexNet LPIPS 0.1 on both images resized to 256x256 (antialiased).
 
+`clip_model` / `cvs_model` may instead name an exported timm image tower, a `.safetensors` file with its
+`VisionBackbone` arguments in a JSON sidecar beside it (`tower_args_path`: `vision.safetensors` ->
+`vision.json`), as `ContrastiveTowers.export_image_tower` writes them: a world without a CLIP (the embedded
+world) scores with its own stage-0 tower. Such scores are on that tower's scale, not CLIP's.
+
 Similarities are cosines x100, as the paper's tables print them (GILL and MagicBrush print raw cosines).
 Distances are raw: L1 0.05 and LPIPS 0.279 are the tables' 5.0 and 27.9, so a table multiplies them by 100.
 Models load on first use, from a local directory or the Hugging Face cache only: nothing is downloaded.
@@ -19,8 +24,11 @@ FID is not here: torchmetrics' FID needs torch-fidelity (for its Inception weigh
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Callable
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +49,7 @@ DINO_TRANSFORM = T.Compose(
     ]
 )
 LPIPS_SIZE = 256  # GILL resizes both images to 256x256, "to match the AlexNet model used"
+TOWER_SUFFIX = ".safetensors"  # a clip_model / cvs_model ending so is an exported image tower, not a CLIP
 
 # An embedder: RGB images -> one feature row per image.
 Embedder = Callable[[list[Image.Image]], torch.Tensor]
@@ -110,13 +119,53 @@ class ImageScorer:
 
         return embed
 
+    def _load_tower(self, name: str, option: str) -> Embedder:
+        """An exported image tower: the mean of its output tokens, which is the contrastive embedding of
+        `ContrastiveTowers` before its projection (the projection is not exported). Images are prepared as
+        the tower expects: its size and normalisation, CLIP's resize and centre crop."""
+        # here: the stage module brings Lightning, slow to import
+        from morph_lightning.data_modules.transforms import ImageTransforms
+        from morph_lightning.modeling.vision import VisionBackbone
+        from morph_lightning.stages.contrastive_towers import tower_args_path
+
+        sidecar = tower_args_path(name)
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"image tower {name} not found (option {option})")
+        if not sidecar.is_file():
+            raise FileNotFoundError(
+                f"image tower {name} has no {sidecar}: write its VisionBackbone arguments there as a JSON "
+                "object (ContrastiveTowers.export_image_tower does)"
+            )
+        try:
+            args = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{sidecar}: not JSON ({err})") from None
+        known = set(inspect.signature(VisionBackbone).parameters) - {"checkpoint_path"}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(
+                f"{sidecar}: {unknown} are no VisionBackbone arguments; put there only "
+                f"{', '.join(sorted(known))} (the tower file {name} is the checkpoint)"
+            )
+        tower = VisionBackbone(checkpoint_path=name, **args).eval().to(self.device)
+        prepare = ImageTransforms(tower.image_size, tower.image_size, tower.mean, tower.std).vision
+
+        def embed(images: list[Image.Image]) -> torch.Tensor:
+            return tower(torch.stack([prepare(image) for image in images]).to(self.device)).mean(1)
+
+        return embed
+
+    def _load_image_embedder(self, name: str, option: str) -> Embedder:
+        load = self._load_tower if name.endswith(TOWER_SUFFIX) else self._load_clip
+        return load(name, option)
+
     @cached_property
     def _clip(self) -> Embedder:
-        return self._load_clip(self.clip_model, "clip_model")
+        return self._load_image_embedder(self.clip_model, "clip_model")
 
     @cached_property
     def _cvs(self) -> Embedder:
-        return self._load_clip(self.cvs_model, "cvs_model")
+        return self._load_image_embedder(self.cvs_model, "cvs_model")
 
     @cached_property
     def _dino(self) -> Embedder:

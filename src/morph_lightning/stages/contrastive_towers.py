@@ -7,6 +7,7 @@ image-caption pairs (symmetric InfoNCE, as CLIP) and exports the image tower's t
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,12 @@ from torch import nn
 from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer
 from morph_lightning.modeling.vision import VisionBackbone
 from morph_lightning.stages.schedule import warmup_cosine
+
+
+def tower_args_path(tower: str | Path) -> Path:
+    """The sidecar of an exported image tower (`vision.safetensors` -> `vision.json`): a JSON object of the
+    `VisionBackbone` arguments that load it, all but `checkpoint_path`, which is the tower file itself."""
+    return Path(tower).with_suffix(".json")
 
 
 class CaptionEncoder(nn.Module):
@@ -109,10 +116,15 @@ class ContrastiveTowers(ContrastivePairs):
         return warmup_cosine(opt, self.trainer, h.warmup_steps, h.min_lr_ratio)
 
     def export_image_tower(self, path: str | Path) -> None:
-        """The image tower's timm state dict as safetensors: `VisionBackbone(checkpoint_path=path)`."""
+        """The image tower's timm state dict as safetensors, and beside it (`tower_args_path`) the arguments
+        that load it frozen: `VisionBackbone(checkpoint_path=path, **args)`."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.image_tower.model.state_dict().items()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(state, str(path))
+        # a checkpoint it was initialised from is not needed to load it: the exported file holds the weights
+        args = {k: v for k, v in self.hparams.vision.items() if k != "checkpoint_path"}
+        args |= {"pretrained": False, "frozen": True}
+        tower_args_path(path).write_text(json.dumps(args, indent=1) + "\n")
 
     def on_train_end(self) -> None:
         if self.hparams.export_path and self.trainer.is_global_zero:
