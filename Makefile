@@ -46,29 +46,44 @@ endif
 
 # Generation (Tables 4 and 5): `make eval-generation CKPT=stage3.ckpt CLIP=clip-vit-large-patch14-dir
 # CVS=clip-vit-base-patch32-dir [COCO_DIR=... FLICKR_DIR=... COCO_VAL_DIR=... MAGICBRUSH_DIR=...]` runs each set
-# whose folder is given. With no CKPT, the demo's stage-3 model on the world's text-to-image and editing
-# splits written in the COCO-caption and MagicBrush layouts (run `make demo` first), scored by L1: the world
-# ships no CLIP, so CLIP similarity and CVS need CLIP=/CVS= folders. Tables under eval_out/.
+# whose folder is given. Retrieval (Table 6): `RETRIEVAL_CKPT=` (a RetrievalProjection checkpoint,
+# configs/retrieval_flickr.yaml) with `FLICKR_RETRIEVAL_DIR=` (LAVIS' flickr30k_test.json and the images)
+# runs flickr30k-retrieval, with or without CKPT. With neither CKPT nor RETRIEVAL_CKPT: the demo's stage-3
+# model (run `make demo` first) on the world's text-to-image and editing splits written in the COCO-caption
+# and MagicBrush layouts (all-turn and final-turn), scored by L1 and by CLIP similarity / CVS under the
+# world's own stage-0 image tower (not comparable with CLIP's numbers); and a retrieval projection fitted
+# on the world (configs/world/retrieval.yaml; run again, it resumes from its last.ckpt and trains no more
+# once finished), scored on the world's held-out images in the Flickr30K layout. Tables under eval_out/.
 COCO_DIR ?=
 FLICKR_DIR ?=
 COCO_VAL_DIR ?=
 MAGICBRUSH_DIR ?=
+RETRIEVAL_CKPT ?=
+FLICKR_RETRIEVAL_DIR ?=
 CLIP ?=
 CVS ?=
 EVAL := HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning evaluate
+WORLD_TOWER := towers/world/vision.safetensors
 eval-generation: install
-ifeq ($(CKPT),)
+ifeq ($(CKPT)$(RETRIEVAL_CKPT),)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning.evaluation.world_generation data/world data/world/generation
 	$(EVAL) coco-t2i --data data/world/generation --checkpoint runs/world/stage3/last.ckpt \
-		--out eval_out/world_t2i --limit 200 --option clip_model=$(CLIP) --option l1=true
+		--out eval_out/world_t2i --limit 200 --option clip_model=$(or $(CLIP),$(WORLD_TOWER)) --option l1=true
 	$(EVAL) magicbrush-edit --data data/world/generation/magicbrush --checkpoint runs/world/stage3/last.ckpt \
-		--out eval_out/world_edit --limit 200 --option cvs_model=$(CVS)
+		--out eval_out/world_edit --limit 200 --option cvs_model=$(or $(CVS),$(WORLD_TOWER))
+	$(EVAL) magicbrush-edit --data data/world/generation/magicbrush --checkpoint runs/world/stage3/last.ckpt \
+		--out eval_out/world_edit_final --limit 200 --option cvs_model=$(or $(CVS),$(WORLD_TOWER)) --option setting=final-turn
+	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning fit --config configs/world/retrieval.yaml --ckpt_path last
+	$(EVAL) flickr30k-retrieval --data data/world/generation --checkpoint runs/world/retrieval/last.ckpt \
+		--out eval_out/world_retrieval
 else
-	@test -n "$(CLIP)" -a -n "$(CVS)" || { echo "eval-generation: set CLIP and CVS (saved CLIP ViT-L/14 and ViT-B/32 folders)"; exit 2; }
-	$(if $(COCO_DIR),$(EVAL) coco-t2i --data $(COCO_DIR) --checkpoint $(CKPT) --out eval_out/coco_t2i --option clip_model=$(CLIP))
-	$(if $(COCO_VAL_DIR),$(EVAL) coco-val30k-t2i --data $(COCO_VAL_DIR) --checkpoint $(CKPT) --out eval_out/coco_val30k_t2i --option clip_model=$(CLIP))
-	$(if $(FLICKR_DIR),$(EVAL) flickr30k-t2i --data $(FLICKR_DIR) --checkpoint $(CKPT) --out eval_out/flickr30k_t2i --option clip_model=$(CLIP))
-	$(if $(MAGICBRUSH_DIR),$(EVAL) magicbrush-edit --data $(MAGICBRUSH_DIR) --checkpoint $(CKPT) --out eval_out/magicbrush_edit --option cvs_model=$(CVS))
+	@test -z "$(RETRIEVAL_CKPT)$(FLICKR_RETRIEVAL_DIR)" -o \( -n "$(RETRIEVAL_CKPT)" -a -n "$(FLICKR_RETRIEVAL_DIR)" \) || { echo "eval-generation: set both RETRIEVAL_CKPT and FLICKR_RETRIEVAL_DIR (or neither)"; exit 2; }
+	@test -z "$(CKPT)" -o \( -n "$(CLIP)" -a -n "$(CVS)" \) || { echo "eval-generation: with CKPT set CLIP and CVS (saved CLIP ViT-L/14 and ViT-B/32 folders)"; exit 2; }
+	$(if $(and $(CKPT),$(COCO_DIR)),$(EVAL) coco-t2i --data $(COCO_DIR) --checkpoint $(CKPT) --out eval_out/coco_t2i --option clip_model=$(CLIP))
+	$(if $(and $(CKPT),$(COCO_VAL_DIR)),$(EVAL) coco-val30k-t2i --data $(COCO_VAL_DIR) --checkpoint $(CKPT) --out eval_out/coco_val30k_t2i --option clip_model=$(CLIP))
+	$(if $(and $(CKPT),$(FLICKR_DIR)),$(EVAL) flickr30k-t2i --data $(FLICKR_DIR) --checkpoint $(CKPT) --out eval_out/flickr30k_t2i --option clip_model=$(CLIP))
+	$(if $(and $(CKPT),$(MAGICBRUSH_DIR)),$(EVAL) magicbrush-edit --data $(MAGICBRUSH_DIR) --checkpoint $(CKPT) --out eval_out/magicbrush_edit --option cvs_model=$(CVS))
+	$(if $(RETRIEVAL_CKPT),$(EVAL) flickr30k-retrieval --data $(FLICKR_RETRIEVAL_DIR) --checkpoint $(RETRIEVAL_CKPT) --out eval_out/flickr30k_retrieval)
 endif
 
 # The world's stage-0 towers that the demo starts from (towers/world/), trained again from scratch

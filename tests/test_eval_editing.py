@@ -14,13 +14,15 @@ import torchvision
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
+from conftest import tiny_model_config
 from morph_lightning.data_modules.sources.templates import EDIT
 from morph_lightning.evaluate import main as evaluate_main
 from morph_lightning.evaluation.perceptual import weights_path
 from morph_lightning.evaluation.runner import evaluate
-from morph_lightning.evaluation.task import Prediction
+from morph_lightning.evaluation.task import Prediction, read_predictions_jsonl
 from morph_lightning.evaluation.tasks import get_task
 from morph_lightning.evaluation.tasks.editing import PreviousAnswer, _image, evaluate_final_turn
+from morph_lightning.stages.base import MorphStage
 from source_files import COLOURS, hf_rows
 from tiny_scorers import TINY_VISION, save_tiny_clip
 
@@ -187,6 +189,54 @@ def test_magicbrush_final_turn_chains_each_turn_on_the_models_own_answer(
         evaluate_final_turn(make(magicbrush_test, cvs_model=clip), tiny_eval_model, out, "tiny")
     with pytest.raises(ValueError, match="setting must be one of"):
         make(magicbrush_test, setting="last-turn")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A stage checkpoint of a tiny random model, as `--checkpoint` reads it."""
+    stage = MorphStage(model=tiny_model_config())
+    path = tmp_path_factory.mktemp("model") / "last.ckpt"
+    torch.save({"state_dict": stage.state_dict(), "hyper_parameters": dict(stage.hparams)}, path)
+    return str(path)
+
+
+def test_magicbrush_final_turn_from_the_cli_edits_the_answer_and_scores_the_last_turn(
+    magicbrush_test, clip, tiny_checkpoint, tmp_path
+):
+    """`evaluate magicbrush-edit --option setting=final-turn` on a 2-turn session: turn 2 is asked with the
+    image the model drew for turn 1, and the session is scored on turn 2 against its ground truth."""
+    sessions = json.loads((magicbrush_test / "edit_sessions.json").read_text())
+    (magicbrush_test / "two_turns.json").write_text(json.dumps({"139": sessions["139"][:2]}))
+    out = tmp_path / "final"
+    args = ["magicbrush-edit", "--data", str(magicbrush_test), "--checkpoint", tiny_checkpoint]
+    options = [
+        "--option",
+        "setting=final-turn",
+        "--option",
+        "file=two_turns.json",
+        "--option",
+        f"cvs_model={clip}",
+    ]
+    scores = evaluate_main([*args, "--out", str(out), *options])
+    assert (scores["setting"], scores["scored"], scores["pairs"], scores["turns"]) == ("final-turn", 1, 1, 2)
+    answers = read_predictions_jsonl(out / "predictions.jsonl")
+    assert sorted(answers) == ["139_1", "139_iter_2"]
+
+    task = get_task("magicbrush-edit")(
+        magicbrush_test, cvs_model=clip, setting="final-turn", file="two_turns.json"
+    )
+    second = task.items[1]
+    edits_answer = task.request(second, PreviousAnswer(out / "images", "139_1")).fingerprint()
+    assert answers["139_iter_2"].request == edits_answer != task.request(second).fingerprint()
+    target = str(magicbrush_test / "images" / "139" / "139-output2.png")
+    assert task.scored() == [("139_iter_2", target)]
+    drawn = {"139_iter_2": Prediction("139_iter_2", image=str(out / "images" / "139_iter_2.png"))}
+    assert scores["l1"] == task.score(drawn)["l1"]
+    assert "1 of 1 sessions scored on their last turn" in (out / "table.md").read_text()
+    files = sorted(p.name for p in out.glob("*.*"))  # only the last pass scores: no scores set aside
+    assert files == ["predictions.jsonl", "run.json", "scores.json", "table.md"]
+    with pytest.raises(SystemExit, match="final-turn runs on one device"):
+        evaluate_main([*args, "--out", str(tmp_path / "ddp"), *options, "--devices", "2"])
 
 
 # ---------------------------------------------------------------- MagicBrush, the Hub dataset

@@ -1,29 +1,39 @@
-"""Flickr30K retrieval (Table 6): LAVIS's recalls and caption cleaning, the test-file readers, and the
-dual-stream projection trained on the morph encoder's tokens against a frozen text encoder."""
+"""Flickr30K retrieval (Table 6): LAVIS's recalls and caption cleaning, the test-file readers, the
+dual-stream projection trained on the morph encoder's tokens against a frozen text encoder, the
+`evaluate flickr30k-retrieval` command, and the world's test split in LAVIS' layout."""
 
 import json
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tokenizers import processors
 from transformers import (
+    AutoModel,
     Blip2Config,
     Blip2TextModelWithProjection,
     CLIPTextConfig,
     CLIPTextModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
 from conftest import fit_fixed_batch, tiny_model_config
+from morph_lightning.data_modules.sources.templates import TEXT_TO_IMAGE
 from morph_lightning.data_modules.toy import ToyDataModule
+from morph_lightning.data_modules.transforms import ImageTransforms, load_image
+from morph_lightning.evaluate import main as evaluate_main
 from morph_lightning.evaluation.retrieval import (
     flickr30k_retrieval,
     pre_caption,
     read_flickr30k_test,
     recall_at_k,
 )
+from morph_lightning.evaluation.retrieval_eval import load_projection
+from morph_lightning.evaluation.world_generation import write_generation_splits
 from morph_lightning.modeling.kmeans import kmeans_plus_plus
 from morph_lightning.modeling.model import MorphModel
 from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer
@@ -311,3 +321,246 @@ def test_blip2_text_encoder(towers, tmp_path):
         expected = blip2(input_ids=ids.input_ids, attention_mask=ids.attention_mask).text_embeds[:, 0]
         torch.testing.assert_close(proj.encode_texts(captions), expected)
         assert proj.encode_images(toy_batch(2)["vision_pixels"]).shape == (2, 12)
+
+
+# ---- text pooling ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def causal_lm(tmp_path_factory):
+    """A tiny LlamaForCausalLM saved in float16 with its tokenizer, as the world's LM is."""
+    path = tmp_path_factory.mktemp("lm")
+    tok = byte_level_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).half().save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def lm_projection(towers, lm: str, pooling: str) -> RetrievalProjection:
+    return RetrievalProjection(
+        model=tiny_model_config(),
+        text_encoder=lm,
+        init_from=towers[1],
+        text_model_class="AutoModel",
+        text_output="last_hidden_state",
+        text_pooling=pooling,
+        max_text_len=64,
+    ).eval()
+
+
+def test_mean_pooling_averages_each_captions_own_tokens(towers, causal_lm):
+    captions = ["a red circle", "Two blue squares, far apart (left)."]
+    proj = lm_projection(towers, causal_lm, "mean")
+    assert proj.text_encoder.dtype == torch.float32  # read in float32 from its float16 save
+    tok = proj.tokenizer([pre_caption(c) for c in captions], padding=True, return_tensors="pt")
+    lengths = tok.attention_mask.sum(1).tolist()
+    assert lengths[0] < lengths[1]  # the first caption is padded
+    lm = AutoModel.from_pretrained(causal_lm, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = lm(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        by_hand = torch.stack([hidden[i, :n].mean(0) for i, n in enumerate(lengths)])
+        torch.testing.assert_close(proj.text_features(captions), by_hand)
+        assert not torch.allclose(proj.text_features(captions)[0], hidden[0].mean(0))  # padding left out
+        first = lm_projection(towers, causal_lm, "first").text_features(captions)
+        torch.testing.assert_close(first, hidden[:, 0])
+
+
+def test_mean_pooling_needs_a_per_token_output(towers):
+    with pytest.raises(ValueError, match="per-token text_output"):
+        projection(towers, text_pooling="mean")  # CLIP's pooler_output: one vector per text
+    with pytest.raises(ValueError, match="'first' or 'mean'"):
+        projection(towers, text_pooling="cls")
+
+
+# ---- the evaluate command -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def retrieval_ckpt(towers, tmp_path_factory):
+    """A RetrievalProjection checkpoint as `fit` writes it (one training step)."""
+    root = tmp_path_factory.mktemp("projection")
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+    trainer.fit(projection(towers, embed_dim=16), ToyDataModule(num_train=4, batch_size=4))
+    trainer.save_checkpoint(root / "last.ckpt")
+    return str(root / "last.ckpt")
+
+
+@pytest.fixture
+def flickr_dir(tmp_path):
+    """LAVIS' `flickr30k_test.json` layout: three images under `flickr30k-images/`, two captions each."""
+    records = []
+    for c in ("red", "green", "blue"):
+        (tmp_path / "flickr30k-images").mkdir(exist_ok=True)
+        Image.new("RGB", (40, 48), c).save(tmp_path / "flickr30k-images" / f"{c}.png")
+        records.append({"image": f"flickr30k-images/{c}.png", "caption": [f"A {c} image.", f"All {c}!"]})
+    (tmp_path / "flickr30k_test.json").write_text(json.dumps(records))
+    return tmp_path
+
+
+def test_cli_scores_a_retrieval_checkpoint_and_keeps_its_similarity(retrieval_ckpt, flickr_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["flickr30k-retrieval", "--data", str(flickr_dir), "--out", str(out)]
+    run = [*args, "--checkpoint", retrieval_ckpt, "--batch-size", "2"]
+    scores = evaluate_main(run)
+
+    # the saved matrix is the model's own cosines, and the scores are LAVIS' recalls of it
+    model = RetrievalProjection.load_from_checkpoint(retrieval_ckpt, weights_only=True).eval()
+    images, captions, txt2img, img2txt = read_flickr30k_test(flickr_dir / "flickr30k_test.json")
+    v = model.vision
+    transform = ImageTransforms(v.image_size, v.image_size, v.mean, v.std).vision
+    pixels = torch.stack([transform(load_image(flickr_dir / p)) for p in images])
+    with torch.no_grad():
+        by_hand = model.encode_images(pixels) @ model.encode_texts(captions).T
+    sim = torch.from_numpy(np.load(out / "similarity.npy"))
+    torch.testing.assert_close(sim, by_hand)
+    assert scores == {
+        **recall_at_k(sim, txt2img, img2txt),
+        "images": 3,
+        "texts": 6,
+        "annotation": str(flickr_dir / "flickr30k_test.json"),
+        "source": scores["source"],
+    }
+    assert json.loads((out / "scores.json").read_text()) == scores
+    table = (out / "table.md").read_text()
+    assert "| Model | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 | R@m |" in table
+    assert "| Morph-Tokens (paper) | 88.8 | 99.7 | 100.0 | 85.2 | 97.1 | 98.7 | 95.0 |" in table
+    assert f"| this run | {scores['txt_r1']:.1f} |" in table and "3 images, 6 captions" in table
+
+    # the same run again changes no file; the saved matrix scores the same through --predictions
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(files) == ["scores.json", "similarity.npy", "table.md"]
+    evaluate_main(run)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    theirs = ["flickr30k-retrieval", "--data", str(flickr_dir), "--out", str(tmp_path / "theirs")]
+    again = evaluate_main([*theirs, "--predictions", str(out / "similarity.npy")])
+    assert {k: again[k] for k in KEYS} == {k: scores[k] for k in KEYS}
+    # other scores in the same folder: the earlier files are moved aside, never deleted
+    np.save(tmp_path / "other.npy", np.eye(3, 6, dtype=np.float32))
+    evaluate_main([*args, "--predictions", str(tmp_path / "other.npy")])
+    aside = sorted(p.name for p in out.iterdir() if p.name not in files)
+    assert len(aside) == 2 and aside[0].startswith("scores.") and aside[1].startswith("table.")
+    assert (out / "similarity.npy").read_bytes() == files["similarity.npy"]
+
+
+def test_cli_reads_karpathys_file_an_image_root_and_a_limit(retrieval_ckpt, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    data = {"images": []}
+    for k, (c, split) in enumerate([("red", "test"), ("green", "train"), ("blue", "test"), ("grey", "test")]):
+        Image.new("RGB", (40, 48), c).save(images / f"{k}.jpg")
+        sentences = [{"raw": f"A {c} picture."}] * (k + 1)
+        data["images"].append({"filename": f"{k}.jpg", "split": split, "sentences": sentences})
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(data))
+    options = ["--option", "file=dataset_flickr30k.json", "--option", "image_root=images"]
+    args = ["flickr30k-retrieval", "--data", str(tmp_path), "--checkpoint", retrieval_ckpt]
+    scores = evaluate_main([*args, "--out", str(tmp_path / "out"), *options, "--limit", "2"])
+    assert (scores["images"], scores["texts"]) == (2, 4)  # test images 0 and 2: 1 + 3 captions
+    assert np.load(tmp_path / "out" / "similarity.npy").shape == (2, 4)
+    with pytest.raises(ValueError, match="unknown options"):
+        evaluate_main([*args, "--out", str(tmp_path / "x"), "--option", "images=images"])
+    with pytest.raises(FileNotFoundError, match="image_root"):
+        evaluate_main([*args, "--out", str(tmp_path / "x"), "--option", "file=dataset_flickr30k.json"])
+
+
+def test_cli_scores_a_hand_made_similarity_matrix(tmp_path):
+    """The 2 images x 10 texts of `test_hand_computed_two_images_ten_texts`, as `.pt` and `.npy` files
+    (no image is read): TR@1 50, IR@1 60, R@m 85."""
+    records = [{"image": f"{i}.jpg", "caption": [f"image {i} caption {k}" for k in range(5)]} for i in (0, 1)]
+    (tmp_path / "flickr30k_test.json").write_text(json.dumps(records))
+    sim = torch.tensor(
+        [
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.9, 0.8, 0.7, 0.6, 0.05],
+            [0.3, 0.1, 0.1, 0.1, 0.1, 0.2, 0.95, 0.1, 0.1, 0.1],
+        ]
+    )
+    torch.save(sim, tmp_path / "sim.pt")
+    np.save(tmp_path / "sim.npy", sim.numpy())
+    for name in ("sim.pt", "sim.npy"):
+        args = ["flickr30k-retrieval", "--data", str(tmp_path), "--predictions", str(tmp_path / name)]
+        scores = evaluate_main([*args, "--out", str(tmp_path / name.replace(".", "_"))])
+        assert (scores["txt_r1"], scores["txt_r5"], scores["img_r1"], scores["img_r5"]) == pytest.approx(
+            (50.0, 100.0, 60.0, 100.0)
+        )
+        assert scores["r_mean"] == pytest.approx(85.0) and (scores["images"], scores["texts"]) == (2, 10)
+    table = (tmp_path / "sim_npy" / "table.md").read_text()
+    assert "| this run | 50.0 | 100.0 | 100.0 | 60.0 | 100.0 | 100.0 | 85.0 |" in table
+    torch.save(sim[:, :9], tmp_path / "short.pt")
+    with pytest.raises(ValueError, match=r"needs a \[n_images, n_texts\] = \[2, 10\] matrix, got \(2, 9\)"):
+        evaluate_main([*args[:3], "--predictions", str(tmp_path / "short.pt"), "--out", str(tmp_path / "s")])
+
+
+def test_a_stage_checkpoint_is_refused_in_one_line(towers, flickr_dir, tmp_path):
+    stage3 = tmp_path / "stage3.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "morph_lightning.stages.Stage3Instruct"}}, stage3)
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    expected = [
+        (towers[1], "is not a RetrievalProjection checkpoint: train one with"),
+        (str(stage3), r"is not a RetrievalProjection checkpoint \(morph_lightning.stages.Stage3Instruct\)"),
+        (str(tmp_path / "notes.ckpt"), "cannot read the checkpoint"),
+    ]
+    for ckpt, message in expected:
+        args = ["flickr30k-retrieval", "--data", str(flickr_dir), "--checkpoint", ckpt]
+        with pytest.raises(SystemExit, match=message) as err:
+            evaluate_main([*args, "--out", str(tmp_path / "out")])
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_from_before_text_pooling_loads_as_first(retrieval_ckpt, tmp_path):
+    ckpt = torch.load(retrieval_ckpt, weights_only=True)
+    assert ckpt["hyper_parameters"]["text_pooling"] == "first"
+    del ckpt["hyper_parameters"]["text_pooling"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    assert load_projection(tmp_path / "old.ckpt").hparams.text_pooling == "first"
+
+
+# ---- the world's test split -----------------------------------------------------------------------
+def test_world_retrieval_split_is_one_image_per_scene_with_its_captions(tmp_path):
+    """Held-out text-to-image and captioning records in LAVIS' layout; records that show the same scene
+    (objects listed in any order) share one image and pool their captions; other tasks are left out."""
+    a = [{"cell": [0, 0], "colour": "red", "shape": "circle", "size": "small"}]
+    a.append({"cell": [1, 1], "colour": "blue", "shape": "cross", "size": "large"})
+    b = [{"cell": [2, 2], "colour": "green", "shape": "square", "size": "small"}]
+    t2i = TEXT_TO_IMAGE.format(caption="Scene A.")
+    records = [
+        {"id": "t", "task": "t2i", "input_text": t2i, "output_img": "images/t-out.jpg", "scene_out": a},
+        {"id": "q", "task": "vqa", "input_img": ["images/q-in.jpg"], "scene_in": b},
+        {
+            "id": "c1",
+            "task": "caption",
+            "input_img": ["images/c1-in.jpg"],
+            "output_text": "B.",
+            "scene_in": b,
+        },
+        {
+            "id": "c2",
+            "task": "caption",
+            "input_img": ["images/c2-in.jpg"],
+            "output_text": "A.",
+            "scene_in": a[::-1],
+        },
+    ]
+    (tmp_path / "world" / "instruct").mkdir(parents=True)
+    (tmp_path / "world" / "instruct" / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    sizes = write_generation_splits(tmp_path / "world", tmp_path / "gen")
+    assert (sizes["retrieval images"], sizes["retrieval captions"]) == (2, 3)
+    assert json.loads((tmp_path / "gen" / "flickr30k_test.json").read_text()) == [
+        {"image": "../world/instruct/images/t-out.jpg", "caption": ["Scene A.", "A."]},
+        {"image": "../world/instruct/images/c1-in.jpg", "caption": ["B."]},
+    ]
+    _, _, txt2img, img2txt = read_flickr30k_test(tmp_path / "gen" / "flickr30k_test.json")
+    assert txt2img == [0, 0, 1] and img2txt == [[0, 1], [2]]

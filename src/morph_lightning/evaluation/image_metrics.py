@@ -62,6 +62,16 @@ def _not_found(what: str, name: str, option: str, saved: str) -> FileNotFoundErr
     )
 
 
+def embedder_name(model: str | None, option: str) -> str:
+    """How a table names the image embedder of a similarity: CLIP, an image tower (on its own scale, not
+    comparable with CLIP's numbers), or none given."""
+    if not model:
+        return f"no CLIP given (option {option})"
+    if model.endswith(TOWER_SUFFIX):
+        return f"image tower {model}, on its own scale, not CLIP's"
+    return f"CLIP {model}"
+
+
 def _rgb(images: list[Image.Image]) -> list[Image.Image]:
     return [image.convert("RGB") for image in images]
 

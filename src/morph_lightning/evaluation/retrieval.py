@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
+import lightning as L
 import torch
-from torch import Tensor
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
-from morph_lightning.data_modules.transforms import ImageTransforms, load_image
+from morph_lightning.data_modules.transforms import BadImage, ImageTransforms, load_image
 
 
 def pre_caption(caption: str, max_words: int = 50) -> str:
@@ -91,18 +95,86 @@ def read_flickr30k_test(
     return images, captions, txt2img, img2txt
 
 
-@torch.no_grad()
-def flickr30k_retrieval(model, annotation: str, image_root: str, batch_size: int = 64) -> dict[str, float]:
-    """Table 6 for a `RetrievalProjection` (or anything with `vision`, `encode_images`, `encode_texts`):
-    every test image and caption embedded, cosine similarities, `recall_at_k`. Images are prepared as the
-    vision tower expects (its size and normalisation, CLIP's resize and centre crop)."""
-    images, captions, txt2img, img2txt = read_flickr30k_test(annotation)
+class _Images(Dataset):
+    def __init__(self, paths: list[str], transform: Callable[[Image.Image], Tensor]) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        try:
+            return self.transform(load_image(self.paths[i]))
+        except BadImage as bad:  # every image is ranked against every caption: none can be left out
+            raise ValueError(f"{self.paths[i]}: unreadable image ({bad})") from None
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """A test set's two streams for `Trainer.predict`: its images, read and transformed by the loader's
+    workers (dataloader 0), and its captions, batched as they are (dataloader 1)."""
+
+    def __init__(
+        self,
+        images: list[str],
+        captions: list[str],
+        transform: Callable[[Image.Image], Tensor],
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.images, self.captions, self.transform = images, captions, transform
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        images = DataLoader(
+            _Images(self.images, self.transform), batch_size=self.batch_size, num_workers=self.num_workers
+        )
+        return [images, DataLoader(self.captions, batch_size=self.batch_size, collate_fn=list)]
+
+
+class _Embedder(L.LightningModule):
+    """Unit-norm embeddings of either stream, from a model's `encode_images` / `encode_texts`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def predict_step(self, batch: Tensor | list[str], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        encode = self.model.encode_images if dataloader_idx == 0 else self.model.encode_texts
+        return encode(batch).float().cpu()
+
+
+def retrieval_similarity(
+    model: nn.Module,
+    images: list[str],
+    captions: list[str],
+    batch_size: int = 64,
+    accelerator: str = "auto",
+    num_workers: int = 0,
+) -> Tensor:
+    """The [n_images, n_texts] cosine similarities of a `RetrievalProjection` (or anything with `vision`,
+    `encode_images`, `encode_texts`) on one device: image files and captions embedded through
+    `Trainer.predict`, images prepared as the vision tower expects (its size and normalisation, CLIP's
+    resize and centre crop)."""
     v = model.vision
     transform = ImageTransforms(v.image_size, v.image_size, v.mean, v.std).vision
-    img, txt = [], []
-    for i in range(0, len(images), batch_size):
-        pixels = [transform(load_image(os.path.join(image_root, p))) for p in images[i : i + batch_size]]
-        img.append(model.encode_images(torch.stack(pixels).to(model.device)))
-    for i in range(0, len(captions), batch_size):
-        txt.append(model.encode_texts(captions[i : i + batch_size]))
-    return recall_at_k(torch.cat(img) @ torch.cat(txt).T, txt2img, img2txt)
+    data = RetrievalDataModule(images, captions, transform, batch_size, num_workers)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    img, txt = trainer.predict(_Embedder(model), datamodule=data)
+    return torch.cat(img) @ torch.cat(txt).T
+
+
+def flickr30k_retrieval(
+    model: nn.Module, annotation: str, image_root: str, batch_size: int = 64
+) -> dict[str, float]:
+    """Table 6 for a model (see `retrieval_similarity`): every test image and caption embedded, cosine
+    similarities, `recall_at_k`."""
+    images, captions, txt2img, img2txt = read_flickr30k_test(annotation)
+    paths = [os.path.join(image_root, p) for p in images]
+    return recall_at_k(retrieval_similarity(model, paths, captions, batch_size), txt2img, img2txt)

@@ -224,14 +224,18 @@ def write_png(pixels: torch.Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_atomic(path: Path, text: str, keep_earlier: bool = True) -> None:
-    """Write `path` whole; with `keep_earlier`, an earlier file with other content is first moved aside,
-    timestamped."""
-    if keep_earlier and path.exists() and path.read_text(encoding="utf-8") != text:
+def write_atomic(path: Path, data: str | bytes, keep_earlier: bool = True) -> None:
+    """Write `path` whole (text as UTF-8); with `keep_earlier`, an earlier file with other content is
+    first moved aside, timestamped."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if keep_earlier and path.exists() and path.read_bytes() != raw:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        os.replace(path, path.with_name(f"{path.stem}.{stamp}{path.suffix}"))
+        aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        while aside.exists():  # set aside twice within a second
+            aside = aside.with_name(f"{aside.stem}+{path.suffix}")
+        os.replace(path, aside)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(raw)
     os.replace(tmp, path)
 
 
@@ -310,10 +314,12 @@ def evaluate(
     accelerator: str = "auto",
     num_workers: int = 0,
     strategy: str = "ddp",
+    score: bool = True,
 ) -> dict[str, Any] | None:
-    """Answer every request of `task` not yet answered in `out`, then score them all. Returns the scores
-    (None on the ranks other than 0 of a multi-device run). `strategy` is Lightning's, for `devices` > 1:
-    each device answers its share of the requests (Lightning's distributed sampler)."""
+    """Answer every request of `task` not yet answered in `out`, then score them all (unless `score` is
+    False: a pass whose answers later requests build on). Returns the scores (None on the ranks other than
+    0 of a multi-device run, or without `score`). `strategy` is Lightning's, for `devices` > 1: each device
+    answers its share of the requests (Lightning's distributed sampler)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     requests = task.requests()
@@ -344,4 +350,6 @@ def evaluate(
         per_100 = 100 * seconds / len(pending)
         print(f"[evaluate] answered {len(pending)} items in {seconds:.1f} s ({per_100:.1f} s per 100)")
         done = _merge(out, ids)
+    if not score:
+        return None
     return write_scores(task, {i: done[i] for i in ids if i in done}, out)

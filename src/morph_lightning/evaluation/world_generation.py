@@ -7,9 +7,17 @@ them (`make eval-generation` without paths):
   {"image", "caption": [one caption]}, image paths relative to the output folder), for `coco-t2i`;
 - editing: the held-out single edits and edit chains as MagicBrush's Hub dataset (`save_to_disk`, split
   "dev": `img_id`, `turn_index`, `source_img`, `mask_img`, `instruction`, `target_img`; a chain is one
-  session, its turns in order), for `magicbrush-edit`. The world has no edit masks; `mask_img` is white.
+  session, its turns in order), for `magicbrush-edit`. The world has no edit masks; `mask_img` is white;
+- retrieval: the images of the held-out text-to-image records (their target image and caption) and
+  captioning records (their image and reference caption) as LAVIS' `flickr30k_test.json` (a list of
+  {"image", "caption": [...]}), for `flickr30k-retrieval`. Records showing the same scene hold the same
+  picture (the world draws a scene one way), so each scene is one image, with the captions of every record
+  that shows it (one to three; in the world `make demo` writes, 557 images and 600 captions). A world
+  caption names every object's size, colour, shape and cell, so a caption fits its own image only; no
+  caption is given to two images. The records are held out from training, their scenes are not: the world
+  draws the training pairs' scenes from the same small space, and some are the same.
 
-Both are read from `instruct/val.jsonl`, which the world writer writes; nothing in the world is changed.
+All are read from `instruct/val.jsonl`, which the world writer writes; nothing in the world is changed.
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ from pathlib import Path
 from PIL import Image
 
 from morph_lightning.data_modules.sources.templates import TEXT_TO_IMAGE
+from morph_lightning.evaluation.runner import write_atomic
 
 T2I_FILE = "coco_karpathy_test.json"
+RETRIEVAL_FILE = "flickr30k_test.json"
 MAGICBRUSH_DIR = "magicbrush"
 PREFIX, SUFFIX = TEXT_TO_IMAGE.split("{caption}")
 
@@ -43,6 +53,22 @@ def _caption(record: dict) -> str:
     return text[len(PREFIX) : -len(SUFFIX)]
 
 
+def _retrieval_test(records: list[dict], images: Path, out: Path) -> list[dict]:
+    """One LAVIS record per scene shown by a text-to-image or captioning record, in file order."""
+    by_scene: dict[str, dict] = {}
+    for r in records:
+        if r["task"] == "t2i":
+            image, scene, text = r["output_img"], r["scene_out"], _caption(r)
+        elif r["task"] == "caption":
+            image, scene, text = r["input_img"][0], r["scene_in"], r["output_text"]
+        else:
+            continue
+        key = json.dumps(sorted(json.dumps(obj, sort_keys=True) for obj in scene))  # objects in any order
+        entry = by_scene.setdefault(key, {"image": os.path.relpath(images / image, out), "caption": []})
+        entry["caption"].append(text)
+    return list(by_scene.values())
+
+
 def _white_png(size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (255, 255, 255)).save(buf, format="PNG")
@@ -50,7 +76,7 @@ def _white_png(size: tuple[int, int]) -> bytes:
 
 
 def write_generation_splits(world: Path, out: Path) -> dict[str, int]:
-    """Write both splits under `out` (a split already there is left as it is); returns their sizes."""
+    """Write the splits under `out` (a split already there is left as it is); returns their sizes."""
     import datasets  # only this writer needs it
 
     records = _records(world)
@@ -88,7 +114,17 @@ def write_generation_splits(world: Path, out: Path) -> dict[str, int]:
     if not (out / MAGICBRUSH_DIR).exists():
         dev = datasets.Dataset.from_dict(rows, features=features)
         datasets.DatasetDict({"dev": dev}).save_to_disk(str(out / MAGICBRUSH_DIR))
-    return {"text-to-image": len(t2i), "edits": len(edits), "sessions": len(set(rows["img_id"]))}
+
+    retrieval = _retrieval_test(records, images, out)
+    if not (out / RETRIEVAL_FILE).exists():
+        write_atomic(out / RETRIEVAL_FILE, json.dumps(retrieval, indent=1) + "\n")
+    return {
+        "text-to-image": len(t2i),
+        "edits": len(edits),
+        "sessions": len(set(rows["img_id"])),
+        "retrieval images": len(retrieval),
+        "retrieval captions": sum(len(r["caption"]) for r in retrieval),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,10 @@ The image side reads "the output of the morph-encoder": M, its 32 straight-throu
 is the mean over the tokens, or their concatenation (a mean of 32 code vectors is only `code_dim`, 32,
 wide). The text side is any transformers model: BLIP-2's Q-former text encoder is
 `Blip2TextModelWithProjection` (`text_output: text_embeds`, the [CLS] row is BLIP-2's ITC text feature);
-a CLIP text model works too (`CLIPTextModel`, `pooler_output`). `embed_dim: null` follows C.3's single
-layer: the image side is projected into the text encoder's output space; a number projects both sides.
+a CLIP text model works too (`CLIPTextModel`, `pooler_output`), and so does a causal LM's hidden states
+(`AutoModel`, `last_hidden_state`) with `text_pooling: mean`, as the world's run uses its small LM
+(configs/world/retrieval.yaml). `embed_dim: null` follows C.3's single layer: the image side is projected
+into the text encoder's output space; a number projects both sides.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class RetrievalProjection(ContrastivePairs):
         init_from: str | None = None,
         text_model_class: str = "AutoModel",
         text_output: str = "pooler_output",
+        text_pooling: Literal["first", "mean"] = "first",
         max_text_len: int = 77,
         max_words: int = 50,
         embed_dim: int | None = None,
@@ -57,10 +60,14 @@ class RetrievalProjection(ContrastivePairs):
         stage checkpoint whose `vision.*` / `encoder.*` weights load (a frozen vision tower the checkpoint
         left out is rebuilt from its source); without it the encoder is `model.encoder_init`'s.
         `text_encoder`: a local directory or cached hub id, read with `text_model_class` (a transformers
-        class name) and `AutoTokenizer`, offline. `text_output`: the output field that is the text's
-        feature; a per-token field gives its first ([CLS]) row. Captions are cleaned by LAVIS's
+        class name) and `AutoTokenizer`, offline, in float32. `text_output`: the output field that is the
+        text's feature; a per-token field is pooled by `text_pooling`: "first", its first ([CLS]) row
+        (BLIP-2, BERT-like encoders); "mean", the mean over the text's tokens, padding left out (a causal
+        LM, whose first row has seen only the first token). Captions are cleaned by LAVIS's
         `pre_caption(max_words)`, then cut to `max_text_len` tokens."""
         super().__init__()
+        if text_pooling not in ("first", "mean"):
+            raise ValueError(f"RetrievalProjection.text_pooling: 'first' or 'mean', got {text_pooling!r}")
         c = parse_section(MorphModelConfig, model, "model.init_args.model")
         self.save_hyperparameters(ignore=["model"])
         self.hparams.update(model=dataclasses.asdict(c))  # plain dicts: checkpoints load with weights_only
@@ -72,8 +79,9 @@ class RetrievalProjection(ContrastivePairs):
         )
         if init_from:
             self._init_from(init_from)
+        # float32 whatever the saved dtype: a half-precision save (the world's LM) is slow and coarse on CPU
         self.text_encoder = getattr(transformers, text_model_class).from_pretrained(
-            text_encoder, local_files_only=True
+            text_encoder, local_files_only=True, dtype=torch.float32
         )
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(text_encoder, local_files_only=True)
         for tower in (self.vision, self.encoder, self.text_encoder):
@@ -117,8 +125,15 @@ class RetrievalProjection(ContrastivePairs):
             out = self.text_encoder(
                 input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device)
             )
-        feat = getattr(out, h.text_output)
-        return (feat[:, 0] if feat.ndim == 3 else feat).float()
+        feat = getattr(out, h.text_output).float()
+        if feat.ndim == 2:  # one vector per text already (CLIP's pooler_output)
+            if h.text_pooling == "mean":
+                raise ValueError(f"text_pooling 'mean' needs a per-token text_output, not {h.text_output!r}")
+            return feat
+        if h.text_pooling == "first":
+            return feat[:, 0]
+        mask = tok.attention_mask.to(feat).unsqueeze(-1)
+        return (feat * mask).sum(1) / mask.sum(1)
 
     def encode_images(self, vision_pixels: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings [N, D]."""

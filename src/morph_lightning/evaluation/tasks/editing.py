@@ -35,6 +35,7 @@ from PIL import Image
 from morph_lightning.data_modules.sources.editing import IP2P_SPLITS
 from morph_lightning.data_modules.sources.templates import EDIT
 from morph_lightning.data_modules.transforms import load_image
+from morph_lightning.evaluation.image_metrics import embedder_name
 from morph_lightning.evaluation.runner import IMAGES, evaluate, image_file
 from morph_lightning.evaluation.task import (
     ImageSource,
@@ -128,7 +129,7 @@ class EditTask(BenchmarkTask):
     ABLATION_AT: ClassVar[int | None] = None  # the set's column in TABLE8 rows
     OPTIONS = {
         "images": "images",
-        "cvs_model": "openai/clip-vit-base-patch32",  # "": no CVS (the world ships no CLIP)
+        "cvs_model": "openai/clip-vit-base-patch32",  # "": skip; a stage-0 tower file: the world's
         "dino_model": "",
         "lpips": False,
         "device": "cpu",
@@ -225,7 +226,7 @@ class EditTask(BenchmarkTask):
             rows = [[f"{model} (paper)", *values[cut]] for model, values in TABLE5.items()]
         rows.append(["this run", *(self._shown(scores, m) for m in self.COLUMNS)])
         text = markdown_table(header, rows)
-        cvs = f"CLIP {scores['cvs_model']}" if scores["cvs_model"] else "no CLIP given: option cvs_model"
+        cvs = embedder_name(scores["cvs_model"], "cvs_model")
         text += (
             f"\n{self.coverage(scores)}. L1 and LPIPS x100, CVS ({cvs}) and DINO "
             "cosine x100, as Table 5 prints them.\n"
@@ -286,9 +287,10 @@ class MagicBrushEdit(EditTask):
     - "all-turn" (default): every turn from its ground-truth input (`_1`, `_inde_t`), each against its
       ground-truth output.
     - "final-turn": each session's last output against its last ground truth, every turn after the first
-      editing the model's previous answer (`_1`, `_iter_t`). The runner answers its requests in one pass,
-      so through the CLI only first turns are asked and only single-turn sessions are scored (the rest are
-      counted as missing); `evaluate_final_turn` runs the chain, one runner pass per turn.
+      editing the model's previous answer (`_1`, `_iter_t`). A turn can be asked only once the turn before
+      is answered, so `evaluate_final_turn` (what the CLI runs for this setting) takes one runner pass per
+      turn; a single `runner.evaluate` pass asks first turns only and scores the single-turn sessions (the
+      rest are counted as missing).
     `limit` counts sessions. A folder of predictions may be flat (`<id>.png`) or MagicBrush's own layout
     (`<img_id>/<id>.png`)."""
 
@@ -428,11 +430,11 @@ class MagicBrushEdit(EditTask):
                 f"All-turn: {scores['scored']} of {scores['pairs']} turns scored, each edited from its "
                 f"ground-truth input ({scores['sessions']} sessions)"
             )
+        chained = scores["sessions"] - scores["single_turn_sessions"]
         return (
             f"Final-turn: {scores['scored']} of {scores['pairs']} sessions scored on their last turn, each "
-            f"turn editing the model's previous answer (sessions with one turn: "
-            f"{scores['single_turn_sessions']}; a run through the CLI answers only those, "
-            "`editing.evaluate_final_turn` chains the others)"
+            f"turn editing the model's previous answer ({chained} sessions of more than one turn, "
+            f"{scores['turns']} turns)"
         )
 
 
@@ -446,7 +448,8 @@ def evaluate_final_turn(
     """MagicBrush's final-turn setting end to end: one runner pass per turn, turn t's requests editing the
     images the model drew for turn t-1 in `out` (`kwargs` go to `runner.evaluate`). The first pass asks
     first turns only, so an earlier run that the runner sets aside (another model) takes nothing a later
-    turn reads. Returns the last pass's scores. Runs on one process; a rerun resumes every turn."""
+    turn reads. Only the last pass scores (an earlier pass's scores would be set aside as an earlier run's).
+    Returns its scores. Runs on one process; a rerun resumes every turn."""
     if not isinstance(task, MagicBrushEdit) or task.options["setting"] != "final-turn":
         raise ValueError("evaluate_final_turn needs the magicbrush-edit task with setting=final-turn")
     task.answers = Path(out) / IMAGES
@@ -454,7 +457,7 @@ def evaluate_final_turn(
     scores = None
     for stage in range(1, longest + 1):
         task.stage = stage
-        scores = evaluate(task, model, out, model_source, **kwargs)
+        scores = evaluate(task, model, out, model_source, score=stage == longest, **kwargs)
     return scores
 
 

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from morph_lightning.data_modules.sources.templates import TEXT_TO_IMAGE
 from morph_lightning.data_modules.transforms import load_image
+from morph_lightning.evaluation.image_metrics import embedder_name
 from morph_lightning.evaluation.runner import image_file
 from morph_lightning.evaluation.task import (
     Prediction,
@@ -47,7 +48,7 @@ class TextToImageTask(BenchmarkTask):
         "file": "",
         "images": "images",
         "caption": 0,
-        "clip_model": "openai/clip-vit-large-patch14",  # "": no CLIP (the world ships none)
+        "clip_model": "openai/clip-vit-large-patch14",  # "": skip; a stage-0 tower file: the world's
         "l1": False,  # also L1 to the ground truth (meaningful where images are exact renders: the world)
         "device": "cpu",
         "batch_size": 32,
@@ -107,7 +108,7 @@ class TextToImageTask(BenchmarkTask):
         head = markdown_table(
             ["Model", f"{self.column} CLIP similarity"], [*rows, ["this run", scores["clip_similarity"]]]
         )
-        clip = f"CLIP {scores['clip_model']}" if scores["clip_model"] else "no CLIP given (option clip_model)"
+        clip = embedder_name(scores["clip_model"], "clip_model")
         l1 = (
             f"; L1 to the ground truth x100: {100 * scores['l1']:.1f}" if scores.get("l1") is not None else ""
         )
