@@ -69,3 +69,18 @@ def test_validate_logs_beside_the_run_and_keeps_its_metrics(run_dir, tmp_path, m
     assert metrics.read_bytes() == before
     (own,) = (run_dir / "logs").glob("validate-*/metrics.csv")
     assert "val/loss" in own.read_text().splitlines()[0]
+
+
+def test_a_resumed_fit_keeps_the_earlier_metrics(run_dir, tmp_path, monkeypatch):
+    """Lightning's CSVLogger deletes the metrics.csv of a folder it opens again; the CLI moves it aside."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "stage1"
+    fit = ["fit", "--config", "tiny/stage1.yaml", "--trainer.default_root_dir", str(run)] + FAST
+    main(fit + ["--trainer.max_steps", "1", "--trainer.log_every_n_steps", "1"])
+    first = (run / "logs" / "metrics.csv").read_bytes()
+    main(fit + ["--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1", "--ckpt_path", "last"])
+
+    (aside,) = (run / "logs").glob("metrics.*.csv")
+    assert aside.read_bytes() == first
+    resumed = (run / "logs" / "metrics.csv").read_text().splitlines()
+    assert len(resumed) == 2 and resumed[1].split(",")[resumed[0].split(",").index("step")] == "1"

@@ -12,7 +12,9 @@ What this adds to LightningCLI:
   `trainer.default_root_dir` (checkpoints at its top, logs in the logger's `name` folder);
 - `predict` writes its predictions (callbacks/prediction_writer.py) into a fresh folder under the run
   folder and runs without the training logger, which would wipe the run's `metrics.csv`; `validate` and
-  `test` log into a version of their own (`logs/validate-<time>/`) for the same reason.
+  `test` log into a version of their own (`logs/validate-<time>/`) for the same reason;
+- a `fit` that opens a CSV log folder again (a resumed run) first moves the earlier `metrics.csv` aside,
+  which Lightning's CSVLogger would delete.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from morph_lightning.keep import aside_name
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PREDICTION_WRITER = "morph_lightning.callbacks.prediction_writer.PredictionWriter"
@@ -209,6 +214,19 @@ def follow_root_dir(trainer: Namespace) -> None:
             init.dirpath = root
 
 
+def keep_reopened_csv_log(trainer: Namespace) -> None:
+    """Lightning's CSVLogger deletes the `metrics.csv` of a log folder it opens again, which a fixed
+    version ('' in the configs) does on every resumed or repeated fit: move it aside first, named with its
+    time (`metrics.<time>.csv`)."""
+    for logger in _as_list(trainer.get("logger")):
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init is None or init.get("version") != "" or not _is_subclass(logger.class_path, CSVLogger):
+            continue
+        metrics = Path(init.save_dir or ".") / (init.get("name") or "lightning_logs") / "metrics.csv"
+        if metrics.is_file():
+            metrics.rename(aside_name(metrics))
+
+
 class MorphArgumentParser(LightningArgumentParser):
     def validate(self, namespace: Namespace, *args: Any, **kwargs: Any) -> None:
         # before the check, which refuses a logger without save_dir (CSVLogger and TensorBoard require one)
@@ -229,6 +247,8 @@ class MorphCLI(LightningCLI):
                 init = logger.get("init_args") if isinstance(logger, Namespace) else None
                 if init is not None and init.get("version") == "":
                     init.version = f"{self.subcommand}-{stamp}"
+        if self.subcommand == "fit":
+            keep_reopened_csv_log(self.config.fit.trainer)
         if self.subcommand == "predict":
             trainer = self.config.predict.trainer
             # No training logger: with its fixed version '' it would reuse (and wipe) the run's logs; and

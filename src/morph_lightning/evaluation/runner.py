@@ -36,6 +36,7 @@ from morph_lightning.evaluation.task import Prediction, Request, Task, read_pred
 from morph_lightning.evaluation.text_generation import generate_text
 from morph_lightning.evaluation.world_eval import to_uint8
 from morph_lightning.generation import generate
+from morph_lightning.keep import aside_name, free_name
 from morph_lightning.modeling.model import MorphModel
 from morph_lightning.modeling.sequence import Sample, shift_refs
 
@@ -229,11 +230,7 @@ def write_atomic(path: Path, data: str | bytes, keep_earlier: bool = True) -> No
     first moved aside, timestamped."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     if keep_earlier and path.exists() and path.read_bytes() != raw:
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-        while aside.exists():  # set aside twice within a second
-            aside = aside.with_name(f"{aside.stem}+{path.suffix}")
-        os.replace(path, aside)
+        os.replace(path, aside_name(path))
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(raw)
     os.replace(tmp, path)
@@ -259,9 +256,7 @@ def _merge(out: Path, ids: list[str]) -> dict[str, Prediction]:
 def _set_aside(out: Path, why: str) -> None:
     """Move an earlier run's files into `out/earlier-<time>/`: nothing stale is resumed, nothing lost."""
     stamp = (out / RUN_FILE).stat().st_mtime if (out / RUN_FILE).exists() else time.time()
-    aside = out / time.strftime("earlier-%Y%m%d-%H%M%S", time.localtime(stamp))
-    while aside.exists():  # set aside twice within a second
-        aside = aside.with_name(aside.name + "+")
+    aside = free_name(out / time.strftime("earlier-%Y%m%d-%H%M%S", time.localtime(stamp)))
     aside.mkdir()
     for path in [out / RUN_FILE, out / PREDICTIONS, out / "scores.json", out / "table.md"]:
         if path.exists():
