@@ -139,14 +139,14 @@ class ImageLogger(Callback):
             samples = [
                 Sample(prompt=[c], answer=[ImageRef(i, target=True)]) for i, c in enumerate(batch["captions"])
             ]
-        if not samples:
-            return None
         model = stage.model
+        if not samples or model.decoder is None:  # without a decoder the LLM writes X itself
+            return None
         enc = model.encode_images(batch["vision_pixels"])
         seq = stage.sequences(samples[: self.num_images], enc)
         targets = seq.targets[: self.num_images]
         # With `post_mllm: codes` this is the training path's straight-through Gumbel sample.
-        mhat = model.post_mllm_tokens(model.run_llm(seq, enc), targets)
+        mhat = model.post_mllm_tokens(model.run_llm(seq, enc), targets, enc)
         images = batch["vqgan_pixels"][[i for _, _, i in targets]]
         return images, draw(model, mhat)
 

@@ -53,18 +53,23 @@ def shard_morph_model(
             raise ValueError("only data parallelism is supported: set tensor_parallel_size: 1")
         mesh = mesh["data_parallel"]
     policy = mixed_precision(precision)
-    for block in [*llm_layers(model), *model.decoder.h]:
+    decoder, encoder = model.decoder, model.encoder  # either may be absent in an ablation
+    for block in [*llm_layers(model), *(decoder.h if decoder is not None else [])]:
         if activation_checkpointing:
             checkpoint(block)  # composable: recomputes the block in backward, parameter names unchanged
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    codebook = model.encoder.quantizer.embedding.weight
-    fully_shard(model.encoder, mesh=mesh, mp_policy=policy, ignored_params={codebook})
-    _average_gradient(codebook, mesh)
+    if encoder is not None and encoder.quantizer is None:  # continuous tokens: no codebook to keep out
+        fully_shard(encoder, mesh=mesh, mp_policy=policy)
+    elif encoder is not None:
+        codebook = encoder.quantizer.embedding.weight
+        fully_shard(encoder, mesh=mesh, mp_policy=policy, ignored_params={codebook})
+        _average_gradient(codebook, mesh)
     fully_shard(model.llm, mesh=mesh, mp_policy=policy)
-    fully_shard(model.decoder, mesh=mesh, mp_policy=policy)
     # Methods that read a root's own weights without going through its forward.
     register_fsdp_forward_method(model.llm, "embed")
-    register_fsdp_forward_method(model.decoder, "generate")
+    if decoder is not None:
+        fully_shard(decoder, mesh=mesh, mp_policy=policy)
+        register_fsdp_forward_method(decoder, "generate")
 
 
 def _average_gradient(param: nn.Parameter, mesh: DeviceMesh) -> None:

@@ -44,7 +44,9 @@ QFormerSection = section_of(
     DeconfoundedQFormer, "QFormerSection", skip=("vision_dim", "dict_size", "dict_dim")
 )
 QuantizerSection = section_of(MorphQuantizer, "QuantizerSection")
-LLMSection = section_of(MorphLLM, "LLMSection", skip=("num_morph_tokens", "code_dim"))
+LLMSection = section_of(
+    MorphLLM, "LLMSection", skip=("num_morph_tokens", "code_dim", "num_code_tokens", "continuous")
+)
 DecoderSection = section_of(
     MorphDecoder, "DecoderSection", skip=("vocab_size", "n_codes", "n_prefix", "prefix_dim")
 )
@@ -63,7 +65,12 @@ class MorphModelConfig:
     # The encoder's initial weights: a BLIP-2 directory or a SEED / LAVIS file (encoder_weights.py);
     # None starts it from random.
     encoder_init: str | None = None
-    post_mllm: Literal["hidden", "codes"] = "hidden"
+    # What an image is in the LLM's input (pre-MLLM tokens) and what draws an image from its output
+    # (post-MLLM tokens). The defaults are the paper's method; the other values build its ablations
+    # (docs/ablations.md): `pre_mllm` continuous (no quantizer) or vqgan (VQGAN codes, no morph encoder);
+    # `post_mllm` tied (M̂ is M, abstr-abstr) or vqgan (the LLM writes X itself, no decoder).
+    pre_mllm: Literal["morph", "continuous", "vqgan"] = "morph"
+    post_mllm: Literal["hidden", "codes", "tied", "vqgan"] = "hidden"
     gumbel_tau: float = 1.0
 
 

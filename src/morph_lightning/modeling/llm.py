@@ -3,6 +3,8 @@
 The base model's text embedding and head stay frozen and untouched (no resize): the new rows live in
 `new_embed` / `new_head`, and a morph token's input embedding is `morph_in` applied to its codebook
 vector, so a straight-through z_q from the encoder carries Eq. 4's gradient into the encoder.
+Two ablations (docs/ablations.md) add rows: VQGAN code tokens with a learned embedding (`code_embed`,
+as TEAL), and for continuous morph tokens a regression head (`morph_out`) in place of their logits.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class LLMOutput:
     hidden: torch.Tensor  # [B, T, H] last (normed) hidden states
     logits: torch.Tensor  # [B, T, vocab.size]
     past_key_values: object | None = None
+    vectors: torch.Tensor | None = None  # [B, T, code_dim] the next continuous morph token, regressed
 
 
 class MorphLLM(nn.Module):
@@ -38,6 +41,8 @@ class MorphLLM(nn.Module):
         tokenizer: str | None = None,
         num_morph_tokens: int = 8192,
         code_dim: int = 32,
+        num_code_tokens: int = 0,
+        continuous: bool = False,
         lora_r: int = 64,
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
@@ -46,6 +51,10 @@ class MorphLLM(nn.Module):
         gradient_checkpointing: bool = False,
         train_base: bool = False,
     ) -> None:
+        """`num_morph_tokens`, `code_dim`: the morph vocabulary and the width of its codebook vectors.
+        `num_code_tokens`: VQGAN codes as tokens of the LLM's own (0: none). `continuous`: the morph
+        tokens are continuous vectors, each image slot one placeholder id whose vector `morph_out`
+        regresses (the 'continuous' ablation)."""
         super().__init__()
         torch_dtype = getattr(torch, dtype) if dtype else None
         if config is not None:  # a fresh random model, e.g. {"model_type": "llama", "hidden_size": 64, ...}
@@ -63,7 +72,9 @@ class MorphLLM(nn.Module):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
         # adopt: an export's tokenizer already holds the morph tokens
-        self.vocab: MorphVocab = extend_tokenizer(self.tokenizer, num_morph_tokens, adopt=True)
+        self.vocab: MorphVocab = extend_tokenizer(
+            self.tokenizer, num_morph_tokens, adopt=True, num_codes=num_code_tokens
+        )
         rows = self.hf.get_input_embeddings().num_embeddings
         if self.vocab.text_size > rows:
             raise ValueError(
@@ -90,10 +101,14 @@ class MorphLLM(nn.Module):
         hidden = self.hf.config.get_text_config().hidden_size
         self.hidden_size = hidden
         self.new_embed = nn.Embedding(3, hidden)  # <img>, </img>, <Emp>
-        self.morph_in = nn.Linear(code_dim, hidden)
+        self.morph_in = nn.Linear(code_dim, hidden) if num_morph_tokens else None
+        self.code_embed = nn.Embedding(num_code_tokens, hidden) if num_code_tokens else None
+        self.morph_out = nn.Linear(hidden, code_dim) if continuous else None
         self.new_head = nn.Linear(hidden, self.vocab.num_new, bias=False)
         std = self.hf.get_input_embeddings().weight.float().std().item()
-        nn.init.normal_(self.new_embed.weight, std=std)
+        for table in (self.new_embed, self.code_embed):
+            if table is not None:
+                nn.init.normal_(table.weight, std=std)
         nn.init.normal_(self.new_head.weight, std=0.02)
 
     @property
@@ -111,6 +126,9 @@ class MorphLLM(nn.Module):
         text = self.hf.get_input_embeddings()(ids.clamp(0, v.text_size - 1))
         special = self.new_embed((ids - v.text_size).clamp(0, 2)).to(text.dtype)
         out = torch.where((ids >= v.text_size).unsqueeze(-1), special, text)
+        if self.code_embed is not None:
+            code = self.code_embed((ids - v.code_offset).clamp(min=0)).to(text.dtype)
+            out = torch.where(v.is_code(ids).unsqueeze(-1), code, out)
         is_morph = v.is_morph(ids)
         if morph_vectors is not None:
             morph = self.morph_in(morph_vectors.to(self.morph_in.weight.dtype)).to(text.dtype)
@@ -139,4 +157,8 @@ class MorphLLM(nn.Module):
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state
-        return LLMOutput(hidden=hidden, logits=self.head(hidden), past_key_values=out.past_key_values)
+        # Inside forward, so that a sharded LLM has its weights gathered for it.
+        vectors = None if self.morph_out is None else self.morph_out(hidden.to(self.morph_out.weight.dtype))
+        return LLMOutput(
+            hidden=hidden, logits=self.head(hidden), past_key_values=out.past_key_values, vectors=vectors
+        )

@@ -2,6 +2,7 @@
 
 Comprehension reads M (pre-MLLM morph tokens from the encoder). Generation reads M̂ (post-MLLM), which
 no loss ties to M: stage 2 trains M̂ only through the decoder's reconstruction loss (Eq. 6).
+`pre_mllm` and `post_mllm` other than the defaults build the paper's ablations (docs/ablations.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_s
 from morph_lightning.modeling.decoder import MorphDecoder
 from morph_lightning.modeling.encoder import EncoderOutput, build_encoder
 from morph_lightning.modeling.llm import LLMOutput, MorphLLM
-from morph_lightning.modeling.sequence import SequenceBatch
+from morph_lightning.modeling.sequence import IGNORE, SequenceBatch
 from morph_lightning.modeling.tokens import MorphVocab
 from morph_lightning.modeling.vision import VisionBackbone
 from morph_lightning.modeling.vqgan import VQGAN
@@ -30,32 +31,60 @@ class GenerationOutput:
     pixels: torch.Tensor | None  # [K, 3, R, R] in [-1, 1]
 
 
+def check_tokens(pre_mllm: str, post_mllm: str, encoder_init: str | None) -> None:
+    """Refuse the combinations that cannot be built, in one line each."""
+    if pre_mllm == "vqgan" and post_mllm != "vqgan":
+        raise ValueError(
+            f"model.post_mllm: {post_mllm} feeds the decoder morph tokens M̂, and pre_mllm: vqgan has none "
+            "(detail-detail is pre_mllm: vqgan with post_mllm: vqgan)"
+        )
+    if pre_mllm == "continuous" and post_mllm in ("codes", "tied"):
+        raise ValueError(
+            f"model.post_mllm: {post_mllm} reads morph codebook vectors; pre_mllm: continuous has none"
+        )
+    if pre_mllm == "vqgan" and encoder_init:
+        raise ValueError("model.encoder_init: pre_mllm: vqgan has no morph encoder to load it into")
+
+
 class MorphModel(nn.Module):
     def __init__(self, config: MorphModelConfig | dict[str, Any]) -> None:
         super().__init__()
         self.config = c = parse_section(MorphModelConfig, config, "model")
-        self.post_mllm = c.post_mllm
+        check_tokens(c.pre_mllm, c.post_mllm, c.encoder_init)
+        self.pre_mllm, self.post_mllm = c.pre_mllm, c.post_mllm
         self.gumbel_tau = c.gumbel_tau
 
-        # Frozen towers (the paper's pretrained CLIP-ViT and VQGAN).
-        self.vision = VisionBackbone(**kwargs_of(c.vision))
+        # Frozen towers (the paper's pretrained CLIP-ViT and VQGAN). With VQGAN codes as the pre-MLLM
+        # tokens (detail-detail) the VQGAN is the image tokenizer: no vision tower, no morph encoder.
+        codes_in = c.pre_mllm == "vqgan"
+        self.vision = None if codes_in else VisionBackbone(**kwargs_of(c.vision))
         self.vqgan = VQGAN.frozen(c.vqgan_checkpoint, **kwargs_of(c.vqgan))
-
-        sections = kwargs_of(c.qformer), kwargs_of(c.quantizer)
-        self.encoder = build_encoder(*sections, self.vision.out_dim, self.vqgan.codebook, c.encoder_init)
+        self.encoder = None
+        if not codes_in:
+            sections = kwargs_of(c.qformer), kwargs_of(c.quantizer)
+            self.encoder = build_encoder(
+                *sections, self.vision.out_dim, self.vqgan.codebook, c.encoder_init, c.pre_mllm == "morph"
+            )
+        # A continuous image slot is one placeholder id whose vector the encoder supplies.
+        num_morph = {"morph": c.quantizer.codebook_size, "continuous": 1, "vqgan": 0}[c.pre_mllm]
         self.llm = MorphLLM(
             **kwargs_of(c.llm),
-            num_morph_tokens=self.encoder.quantizer.codebook_size,
-            code_dim=self.encoder.code_dim,
+            num_morph_tokens=num_morph,
+            code_dim=0 if codes_in else self.encoder.code_dim,
+            num_code_tokens=self.vqgan.codebook.shape[0] if c.post_mllm == "vqgan" else 0,
+            continuous=c.pre_mllm == "continuous",
         )
-        prefix_dim = self.llm.hidden_size if c.post_mllm == "hidden" else self.encoder.code_dim
-        self.decoder = MorphDecoder(
-            **kwargs_of(c.decoder),
-            vocab_size=self.vqgan.codebook.shape[0],
-            n_codes=self.vqgan.codes_per_image,
-            n_prefix=self.encoder.num_tokens,
-            prefix_dim=prefix_dim,
-        )
+        # With post_mllm: vqgan the LLM writes X itself and the VQGAN decodes it: there is no decoder.
+        self.decoder = None
+        if c.post_mllm != "vqgan":
+            prefix_dim = self.llm.hidden_size if c.post_mllm == "hidden" else self.encoder.code_dim
+            self.decoder = MorphDecoder(
+                **kwargs_of(c.decoder),
+                vocab_size=self.vqgan.codebook.shape[0],
+                n_codes=self.vqgan.codes_per_image,
+                n_prefix=self.encoder.num_tokens,
+                prefix_dim=prefix_dim,
+            )
 
     def train(self, mode: bool = True) -> MorphModel:
         super().train(mode)
@@ -68,7 +97,8 @@ class MorphModel(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        return self.encoder.num_tokens
+        """Tokens of an image in the LLM's input: |M|, or the VQGAN's codes per image without an encoder."""
+        return self.vqgan.codes_per_image if self.encoder is None else self.encoder.num_tokens
 
     # ---- towers -------------------------------------------------------------------------------
     def encode_images(self, vision_pixels: torch.Tensor) -> EncoderOutput:
@@ -94,17 +124,36 @@ class MorphModel(nn.Module):
         mask = None if batch.packed else batch.attention_mask  # packed: boundaries come from position_ids
         return self.llm(embeds, attention_mask=mask, position_ids=batch.position_ids)
 
-    def post_mllm_tokens(self, out: LLMOutput, targets: list[tuple[int, int, int]]) -> torch.Tensor:
+    def post_mllm_tokens(
+        self, out: LLMOutput, targets: list[tuple[int, int, int]], enc: EncoderOutput | None = None
+    ) -> torch.Tensor:
         """M̂ [K, 32, D] of each target image: read at the positions that emit its morph tokens."""
         n = self.num_tokens
         if self.post_mllm == "hidden":
             return torch.stack([out.hidden[b, p : p + n] for b, p, _ in targets])
+        if self.post_mllm == "tied":
+            # abstr-abstr (VQ): M̂ is M, the target image's own morph tokens (their straight-through z_q,
+            # the vectors the LLM reads for them). Nothing of the decoder's loss reaches the LLM, which
+            # learns to emit M by the morph CE alone.
+            if enc is None:
+                raise ValueError("post_mllm: tied reads M̂ from the encoder's output: pass `enc`")
+            return enc.z_q[[i for _, _, i in targets]]
         # 'codes': the released inference path (ids -> codebook vectors), made differentiable with a
         # straight-through Gumbel-softmax over the morph logits.
         off = self.vocab.morph_offset
         logits = torch.stack([out.logits[b, p : p + n, off:] for b, p, _ in targets])
         one_hot = F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True)
         return one_hot @ self.encoder.quantizer.codebook
+
+    def next_token_mse(self, out: LLMOutput, batch: SequenceBatch, enc: EncoderOutput) -> torch.Tensor:
+        """Continuous morph tokens: the MSE of the vector regressed at each labelled position whose next
+        token is an image slot, against that slot's vector, held fixed as a target (as a CE's target id
+        is): the encoder learns from the inputs alone, as with discrete tokens."""
+        nxt = F.pad(batch.image_slot[:, 1:], (0, 1), value=-1)  # the slot of the token each position predicts
+        at = ((nxt >= 0) & (batch.labels != IGNORE)).float()
+        target = enc.z_q.reshape(-1, enc.z_q.shape[-1])[nxt.clamp(min=0)].detach()
+        err = (out.vectors.float() - target.float()).pow(2).mean(-1)
+        return (err * at).sum() / at.sum().clamp(min=1)  # a masked mean without a host sync
 
     def decoder_loss(self, mhat: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Eq. 6: cross-entropy of the decoder on X given M̂."""

@@ -3,6 +3,9 @@
 A sample is a prompt (no loss) and an answer (loss), each a list of text pieces and `ImageRef`s. An
 image becomes `<img> m_1 .. m_32 </img>` whose morph ids come from the encoder. A *target* image is one
 the model must generate: its M̂ is read at the positions that emit its morph tokens (Section 3.4).
+Where the LLM reads or writes the VQGAN codes X itself (ablations, docs/ablations.md), an image is
+`<img> x_1 .. x_256 </img>` instead: every image without morph codes, and every target image when the
+codes X are given.
 """
 
 from __future__ import annotations
@@ -75,14 +78,18 @@ Row = tuple[list[int], list[bool], list[int]]  # token ids, in-answer flags, ima
 
 def _tokenize(
     samples: list[Sample],
-    image_codes: torch.Tensor,
+    image_codes: torch.Tensor | None,
     vocab: MorphVocab,
     tokenizer: PreTrainedTokenizerBase,
     max_text_tokens: int,
     add_eos: bool,
+    vqgan_codes: torch.Tensor | None,
 ) -> tuple[list[Row], list[tuple[int, int, int]]]:
-    num_tokens = image_codes.shape[1]
-    codes = image_codes.tolist()
+    if image_codes is None and vqgan_codes is None:
+        raise ValueError("build_sequences: give the images' morph codes, their VQGAN codes, or both")
+    num_tokens = 0 if image_codes is None else image_codes.shape[1]
+    codes = None if image_codes is None else image_codes.tolist()
+    xs = None if vqgan_codes is None else vqgan_codes.tolist()
     rows: list[Row] = []
     targets: list[tuple[int, int, int]] = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -97,9 +104,14 @@ def _tokenize(
             else:
                 if piece.target:
                     targets.append((b, len(ids), piece.index))
-                morph = [vocab.morph_offset + c for c in codes[piece.index]]
-                new = [vocab.img_start, *morph, vocab.img_end]
-                new_slots = [-1, *(piece.index * num_tokens + k for k in range(num_tokens)), -1]
+                if codes is None or (piece.target and xs is not None):
+                    inner = [vocab.code_offset + c for c in xs[piece.index]]
+                    inner_slots = [-1] * len(inner)  # a code token's input embedding is its own row
+                else:
+                    inner = [vocab.morph_offset + c for c in codes[piece.index]]
+                    inner_slots = [piece.index * num_tokens + k for k in range(num_tokens)]
+                new = [vocab.img_start, *inner, vocab.img_end]
+                new_slots = [-1, *inner_slots, -1]
             ids += new
             scored += [in_answer] * len(new)
             slots += new_slots
@@ -129,22 +141,25 @@ def _bins(lengths: list[int], pack_length: int) -> list[list[int]]:
 
 def build_sequences(
     samples: list[Sample],
-    image_codes: torch.Tensor,
+    image_codes: torch.Tensor | None,
     vocab: MorphVocab,
     tokenizer: PreTrainedTokenizerBase,
     max_text_tokens: int = 512,
     pad_left: bool = False,
     add_eos: bool = True,
     pack_length: int | None = None,
+    vqgan_codes: torch.Tensor | None = None,
 ) -> SequenceBatch:
     """Tokenise `samples`; `image_codes` [N, num_tokens] are the encoder's morph codes of each image.
+    `vqgan_codes` [N, codes_per_image]: each image's VQGAN codes X, written as code tokens for every
+    target image, and for every image when `image_codes` is None (the LLM reads and writes X itself).
 
     Training rows are padded on the right; generation prompts (`pad_left=True`, empty answers) on the
     left so that every row's next token is at the last position. `pack_length`: put several samples
     in one row of up to that many tokens (training only), each attending to itself alone, so short
     samples do not pay for padding; the loss is the same as unpacked.
     """
-    rows, targets = _tokenize(samples, image_codes, vocab, tokenizer, max_text_tokens, add_eos)
+    rows, targets = _tokenize(samples, image_codes, vocab, tokenizer, max_text_tokens, add_eos, vqgan_codes)
     if pack_length is None:
         bins = [[b] for b in range(len(rows))]
     elif pad_left:

@@ -3,6 +3,8 @@
 ids [0, text_size)                   the LLM's own text tokens
 text_size + 0, 1, 2                  <img>, </img>, <Emp>
 text_size + 3 + k, k < num_morph     morph token k (codebook entry k)
+code_offset + k, k < num_codes       VQGAN code k: only in the ablations whose LLM reads or writes the
+                                     VQGAN codes X itself (`post_mllm: vqgan`, docs/ablations.md)
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ def morph_token(k: int) -> str:
     return f"<morph_{k:05d}>"
 
 
+def code_token(k: int) -> str:
+    return f"<code_{k:05d}>"
+
+
 @dataclass(frozen=True)
 class MorphVocab:
     text_size: int
     num_morph: int
+    num_codes: int = 0
 
     @property
     def img_start(self) -> int:
@@ -41,9 +48,13 @@ class MorphVocab:
         return self.text_size + len(SPECIAL_TOKENS)
 
     @property
+    def code_offset(self) -> int:
+        return self.morph_offset + self.num_morph
+
+    @property
     def num_new(self) -> int:
-        """Rows beyond the text vocabulary: the specials and the morph tokens."""
-        return len(SPECIAL_TOKENS) + self.num_morph
+        """Rows beyond the text vocabulary: the specials, the morph tokens and the VQGAN codes."""
+        return len(SPECIAL_TOKENS) + self.num_morph + self.num_codes
 
     @property
     def size(self) -> int:
@@ -53,7 +64,10 @@ class MorphVocab:
         return codes + self.morph_offset
 
     def is_morph(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids >= self.morph_offset
+        return (ids >= self.morph_offset) & (ids < self.code_offset)
+
+    def is_code(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids >= self.code_offset
 
     def is_text(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids >= 0) & (ids < self.text_size)
@@ -63,23 +77,31 @@ class MorphVocab:
         return (ids - self.morph_offset).clamp(min=0)
 
 
-def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, num_morph: int, adopt: bool = False) -> MorphVocab:
-    """Add <img>, </img>, <Emp> and the morph tokens so that their ids follow the layout above. With
-    `adopt`, a tokenizer that already holds them (one saved by an export) is taken as it is, once its
-    layout is checked."""
+def extend_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, num_morph: int, adopt: bool = False, num_codes: int = 0
+) -> MorphVocab:
+    """Add <img>, </img>, <Emp>, the morph tokens and the VQGAN code tokens so that their ids follow the
+    layout above. With `adopt`, a tokenizer that already holds them (one saved by an export) is taken as
+    it is, once its layout is checked."""
     img = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[0])
     extended = img not in (None, tokenizer.unk_token_id)
     if extended and not adopt:
         raise ValueError("tokenizer already holds <img>: pass the base LLM's tokenizer, not an extended one")
-    vocab = MorphVocab(text_size=img if extended else len(tokenizer), num_morph=num_morph)
+    vocab = MorphVocab(
+        text_size=img if extended else len(tokenizer), num_morph=num_morph, num_codes=num_codes
+    )
+    new = [
+        *SPECIAL_TOKENS,
+        *(morph_token(k) for k in range(num_morph)),
+        *(code_token(k) for k in range(num_codes)),
+    ]
     if not extended:
-        tokenizer.add_tokens(
-            list(SPECIAL_TOKENS) + [morph_token(k) for k in range(num_morph)], special_tokens=True
-        )
-    got = tokenizer.convert_tokens_to_ids([SPECIAL_TOKENS[0], morph_token(num_morph - 1)])
+        tokenizer.add_tokens(new, special_tokens=True)
+    got = tokenizer.convert_tokens_to_ids([new[0], new[-1]])
     if got != [vocab.img_start, vocab.size - 1] or len(tokenizer) != vocab.size:
         raise ValueError(
-            f"tokenizer ids {got} for <img> and {morph_token(num_morph - 1)} (size {len(tokenizer)}), "
-            f"expected {[vocab.img_start, vocab.size - 1]} (size {vocab.size}) for {num_morph} morph tokens"
+            f"tokenizer ids {got} for <img> and {new[-1]} (size {len(tokenizer)}), expected "
+            f"{[vocab.img_start, vocab.size - 1]} (size {vocab.size}) for {num_morph} morph tokens and "
+            f"{num_codes} VQGAN code tokens"
         )
     return vocab

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from morph_lightning.generation import generate
 from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_section, section_of
 from morph_lightning.modeling.encoder import EncoderOutput
+from morph_lightning.modeling.llm import LLMOutput
 from morph_lightning.modeling.model import GenerationOutput, MorphModel
 from morph_lightning.modeling.sequence import IGNORE, ImageRef, Sample, SequenceBatch, build_sequences
 from morph_lightning.parallel import shard_morph_model, split_sharded
@@ -69,7 +70,10 @@ class MorphStage(L.LightningModule):
         `activation_checkpointing`: recompute each LLM layer and decoder block in backward when sharded
         (ModelParallelStrategy, see `morph_lightning.parallel`).
         `encoder_lr_scale`: the morph-token encoder's learning rate relative to `lr`; 0 keeps it where it
-        started (set the quantizer's `dead_code_threshold` to 0 too, or revival still rewrites codes)."""
+        started (set the quantizer's `dead_code_threshold` to 0 too, or revival still rewrites codes).
+        `decoder_weight`: the weight of the CE on an image answer's VQGAN codes X: the decoder's (Eq. 6),
+        or the LLM's own without a decoder. `morph_ar_weight`: the weight of the AR term on an image
+        answer's own tokens: the CE on its morph ids, or the MSE of continuous ones (docs/ablations.md)."""
         super().__init__()
         # Sections may arrive as dicts (a checkpoint's hyper-parameters); stored as plain dicts so that
         # checkpoints load with weights_only.
@@ -116,70 +120,111 @@ class MorphStage(L.LightningModule):
             shard_morph_model(self.model, self.device_mesh, precision, self.hparams.activation_checkpointing)
 
     # ---- the pieces every stage uses -----------------------------------------------------------
-    def sequences(self, samples: list[Sample], enc: EncoderOutput) -> SequenceBatch:
+    def encode(self, batch: dict[str, Any]) -> EncoderOutput | None:
+        """The encoder's output for the batch's images; None without a morph encoder (VQGAN codes in)."""
+        return None if self.model.encoder is None else self.model.encode_images(batch["vision_pixels"])
+
+    def vqgan_codes(self, batch: dict[str, Any], index: torch.Tensor | None = None) -> torch.Tensor:
+        """X of the batch's images (those at `index`): read from `vqgan_codes` when the data carries them
+        (`precompute-codes`), else encoded from `vqgan_pixels`."""
+        if "vqgan_codes" not in batch:
+            pixels = batch["vqgan_pixels"]
+            return self.model.vqgan_codes(pixels if index is None else pixels[index])
+        codes = batch["vqgan_codes"] if index is None else batch["vqgan_codes"][index]
+        expected = self.model.vqgan.codes_per_image
+        if codes.shape[1] != expected:
+            raise ValueError(
+                f"vqgan_codes: {codes.shape[1]} codes per image, but this VQGAN makes {expected}: "
+                "were the codes precomputed with another VQGAN or image size?"
+            )
+        return codes
+
+    def sequences(
+        self, samples: list[Sample], enc: EncoderOutput | None, batch: dict[str, Any] | None = None
+    ) -> SequenceBatch:
+        """The rows of `samples`; `batch` gives the images' VQGAN codes where the LLM reads or writes
+        them itself (`pre_mllm` / `post_mllm: vqgan`)."""
         m = self.model
         h = self.hparams
-        batch = build_sequences(
-            samples, enc.ids, m.vocab, m.llm.tokenizer, h.max_text_tokens, pack_length=h.pack_length
+        codes = self.vqgan_codes(batch) if enc is None or m.post_mllm == "vqgan" else None
+        seq = build_sequences(
+            samples,
+            None if enc is None else enc.ids,
+            m.vocab,
+            m.llm.tokenizer,
+            h.max_text_tokens,
+            pack_length=h.pack_length,
+            vqgan_codes=codes,
         )
-        return batch.to(self.device)
+        return seq.to(self.device)
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cross-entropy over the labelled positions, split into text and morph terms for logging."""
+        """Cross-entropy over the labelled positions, split into text, morph and VQGAN-code terms for
+        logging. A continuous image slot's placeholder id is no target: `lm_losses` adds its MSE."""
         ce = F.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none"
         )
         labels = labels.flatten()
         labelled = labels != IGNORE
-        morph = self.model.vocab.is_morph(labels) & labelled
-        masks = {"ce": labelled, "text_ce": labelled & ~morph, "morph_ce": morph}
+        vocab, continuous = self.model.vocab, self.model.pre_mllm == "continuous"
+        morph = vocab.is_morph(labels) & labelled
+        code = vocab.is_code(labels) & labelled
+        masks = {"ce": labelled & ~morph if continuous else labelled, "text_ce": labelled & ~morph & ~code}
+        if vocab.num_morph and not continuous:
+            masks["morph_ce"] = morph
+        if vocab.num_codes:
+            masks["code_ce"] = code
         # masked means without a host sync; an empty term is 0 (ce is 0 at ignored positions)
         return {k: (ce * m).sum() / m.sum().clamp(min=1) for k, m in masks.items()}
 
-    def decoder_term(self, seq: SequenceBatch, out, batch: dict[str, Any]) -> torch.Tensor:
-        """Eq. 6 over every target image of the batch: CE of the decoder on X given M̂. X is read from
-        `vqgan_codes` when the data carries them (`precompute-codes`), else encoded from `vqgan_pixels`."""
+    def lm_losses(
+        self, out: LLMOutput, seq: SequenceBatch, enc: EncoderOutput | None
+    ) -> dict[str, torch.Tensor]:
+        """`token_losses`, and for continuous morph tokens the MSE of the next one in place of their CE."""
+        tok = self.token_losses(out.logits, seq.labels)
+        if self.model.pre_mllm == "continuous":
+            tok["morph_mse"] = self.model.next_token_mse(out, seq, enc)
+        return tok
+
+    def decoder_term(
+        self, seq: SequenceBatch, out: LLMOutput, batch: dict[str, Any], enc: EncoderOutput | None = None
+    ) -> torch.Tensor:
+        """Eq. 6 over every target image of the batch: CE of the decoder on X given M̂."""
         if not seq.targets:
             return torch.zeros((), device=self.device)
-        mhat = self.model.post_mllm_tokens(out, seq.targets)
+        mhat = self.model.post_mllm_tokens(out, seq.targets, enc)
         index = torch.tensor([i for _, _, i in seq.targets], device=self.device)
-        if "vqgan_codes" in batch:
-            codes = batch["vqgan_codes"][index]
-            expected = self.model.vqgan.codes_per_image
-            if codes.shape[1] != expected:
-                raise ValueError(
-                    f"vqgan_codes: {codes.shape[1]} codes per image, but this VQGAN makes {expected}: "
-                    "were the codes precomputed with another VQGAN or image size?"
-                )
-        else:
-            codes = self.model.vqgan_codes(batch["vqgan_pixels"][index])
-        return self.model.decoder_loss(mhat, codes)
+        return self.model.decoder_loss(mhat, self.vqgan_codes(batch, index))
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def answer_losses(self, batch: dict[str, Any], samples: list[Sample]) -> dict[str, torch.Tensor]:
-        """Stages 2-3: CE on text answers, decoder CE on X for image answers (+ weighted morph CE)."""
+        """Stages 2-3: CE on text answers, CE on X for image answers (the decoder's given M̂, Eq. 6; the
+        LLM's own without a decoder), + the weighted morph AR term (CE on the answer's morph ids, or the
+        MSE of continuous ones)."""
         h = self.hparams
-        enc = self.model.encode_images(batch["vision_pixels"])
-        seq = self.sequences(samples, enc)
+        enc = self.encode(batch)
+        seq = self.sequences(samples, enc, batch)
         out = self.model.run_llm(seq, enc)
-        tok = self.token_losses(out.logits, seq.labels)
-        decoder = self.decoder_term(seq, out, batch)
+        tok = self.lm_losses(out, seq, enc)
+        terms = {"text_ce": tok["text_ce"]}
+        if self.model.decoder is None:
+            terms["code_ce"] = tok["code_ce"]
+        else:
+            terms["decoder_ce"] = self.decoder_term(seq, out, batch, enc)
+        terms.update({k: tok[k] for k in ("morph_ce", "morph_mse") if k in tok})
         quant = self.quant_terms(enc)
-        loss = (
-            tok["text_ce"]
-            + h.decoder_weight * decoder
-            + h.morph_ar_weight * tok["morph_ce"]
-            + h.quant_weight * quant["quant"]
-        )
-        return {
-            "loss": loss,
-            "text_ce": tok["text_ce"],
-            "decoder_ce": decoder,
-            "morph_ce": tok["morph_ce"],
-            **quant,
+        weight = {
+            "text_ce": 1.0,
+            "decoder_ce": h.decoder_weight,
+            "code_ce": h.decoder_weight,
+            "morph_ce": h.morph_ar_weight,
+            "morph_mse": h.morph_ar_weight,
+            "quant": h.quant_weight,
         }
+        loss = sum(weight[k] * v for k, v in {**terms, **quant}.items() if k in weight)
+        return {"loss": loss, **terms, **quant}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Each step's randomness (stage 1's image side, code revival, dropout) is a function of the step
@@ -211,8 +256,10 @@ class MorphStage(L.LightningModule):
     def _bs(batch: dict[str, Any]) -> int:
         return len(batch["vision_pixels"])
 
-    def quant_terms(self, enc: EncoderOutput) -> dict[str, torch.Tensor]:
+    def quant_terms(self, enc: EncoderOutput | None) -> dict[str, torch.Tensor]:
         """The quantizer's loss and codebook health: batch perplexity and the fraction of codes used."""
+        if enc is None or enc.quant_loss is None:
+            return {}  # no quantizer: continuous tokens, or VQGAN codes in
         return {
             "quant": enc.quant_loss,
             "perplexity": enc.perplexity.detach(),
@@ -222,11 +269,11 @@ class MorphStage(L.LightningModule):
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
-        encoder = {id(p) for p in self.model.encoder.parameters()}
+        encoder = set() if self.model.encoder is None else {id(p) for p in self.model.encoder.parameters()}
         groups = []
         for in_encoder, scale in ((False, 1.0), (True, h.encoder_lr_scale)):
             params = [p for p in self.parameters() if p.requires_grad and (id(p) in encoder) == in_encoder]
-            if scale == 0.0:
+            if scale == 0.0 or not params:
                 continue  # out of the optimiser altogether: no update, no optimiser state
             groups += [
                 {

@@ -1,0 +1,301 @@
+"""The paper's ablations (Tables 7-8, Appendix C.3) as options of the stage modules: each row's fragment
+(configs/ablations/<row>.yaml) over the tiny config builds, trains, and has the row's own sequence and
+loss. docs/ablations.md describes the rows."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from conftest import CONFIGS, fit_fixed_batch, tiny_model_config
+from morph_lightning import generation
+from morph_lightning.cli import main
+from morph_lightning.data_modules.toy import ToyDataModule
+from morph_lightning.modeling.encoder_weights import load_encoder_weights, save_encoder_weights
+from morph_lightning.modeling.model import MorphModel
+from morph_lightning.modeling.qformer import Deconfounder, QFormerAttention
+from morph_lightning.modeling.sequence import IGNORE, ImageRef, Sample
+from morph_lightning.stages import Stage1AR, Stage2AutoEncode, Stage3Instruct
+
+ROWS = ("wo_deconfound", "abstr_abstr_vq", "continuous", "wo_decoder", "detail_detail")
+STAGES = {1: (Stage1AR, False), 2: (Stage2AutoEncode, False), 3: (Stage3Instruct, True)}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def fragment(row: str, world: bool = False) -> dict:
+    folder = CONFIGS / "world" / "ablations" if world else CONFIGS / "ablations"
+    return yaml.safe_load((folder / f"{row}.yaml").read_text())["model"]["init_args"]
+
+
+def row_stage(row: str, stage: int, **model_overrides):
+    """The row's stage at tiny size: the fragment's model options over the tiny model, its stage options."""
+    init = fragment(row)
+    model = _merge(tiny_model_config(), {**init.get("model", {}), **model_overrides})
+    kwargs = {k: v for k, v in init.items() if k != "model"}
+    return STAGES[stage][0](model=model, **kwargs)
+
+
+def _batch(instruct: bool, n: int = 4) -> dict:
+    return next(iter(ToyDataModule(instruct=instruct, num_train=n, batch_size=n).train_dataloader()))
+
+
+def _grad(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+# ---- every row: builds, trains, logs its own terms ---------------------------------------------------
+TERMS = {  # the terms each row's stage 2 logs beside `loss` and `text_ce`
+    "wo_deconfound": {"decoder_ce", "morph_ce", "quant", "perplexity", "code_usage"},
+    "abstr_abstr_vq": {"decoder_ce", "morph_ce", "quant", "perplexity", "code_usage"},
+    "continuous": {"decoder_ce", "morph_mse"},
+    "wo_decoder": {"code_ce", "morph_ce", "quant", "perplexity", "code_usage"},
+    "detail_detail": {"code_ce"},
+}
+FALLING = {1: "ce", 2: "text_ce", 3: "text_ce"}  # besides `loss`, in every row
+IMAGE_TERM = {"continuous": "decoder_ce", "wo_decoder": "code_ce", "detail_detail": "code_ce"}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("row", ROWS)
+def test_every_row_trains_in_every_stage(row, stage):
+    history = fit_fixed_batch(row_stage(row, stage), _batch(STAGES[stage][1]), steps=12)
+    if stage == 2:
+        assert set(history[0]) == {"loss", "text_ce", *TERMS[row]}
+    falling = ["loss", FALLING[stage]] + ([IMAGE_TERM.get(row, "decoder_ce")] if stage > 1 else [])
+    for term in falling:
+        assert history[-1][term] < 0.9 * history[0][term], (term, history[0][term], history[-1][term])
+
+
+def test_impossible_combinations_stop_in_one_line(tiny_cfg):
+    cases = [
+        ({"pre_mllm": "vqgan", "post_mllm": "hidden"}, "post_mllm: hidden feeds the decoder morph tokens"),
+        ({"pre_mllm": "continuous", "post_mllm": "tied"}, "post_mllm: tied reads morph codebook vectors"),
+        ({"pre_mllm": "continuous", "post_mllm": "codes"}, "post_mllm: codes reads morph codebook vectors"),
+        ({"pre_mllm": "vqgan", "post_mllm": "vqgan", "encoder_init": "seed.pt"}, "encoder_init: pre_mllm"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message) as err:
+            MorphModel({**tiny_cfg, **overrides})
+        assert "\n" not in str(err.value)
+
+
+def test_continuous_inputs_compose_with_the_llm_writing_x():
+    """No paper row, but a possible one: continuous morph tokens in, X written by the LLM, no decoder."""
+    stage = Stage2AutoEncode(model=tiny_model_config(pre_mllm="continuous", post_mllm="vqgan"))
+    history = fit_fixed_batch(stage, _batch(False), steps=6)
+    assert set(history[0]) == {"loss", "text_ce", "code_ce", "morph_mse"}
+    assert history[-1]["code_ce"] < history[0]["code_ce"]
+
+
+# ---- w/o deconfound ------------------------------------------------------------------------------
+def test_wo_deconfound_removes_the_deconfounding_path(tiny_cfg):
+    """No Eq. 12 term anywhere (no Deconfounder, no dictionary D, no prior), slot attention kept; the
+    method's output moves with D and the ablation has no D to move."""
+    method = MorphModel(tiny_cfg).eval()
+    ablation = row_stage("wo_deconfound", 1).model.eval()
+    qf = ablation.encoder.qformer
+    assert not any(isinstance(m, Deconfounder) for m in ablation.modules())
+    assert qf.dictionary is None and qf.prior is None
+    assert not any("deconfounder" in k or "dictionary" in k for k in ablation.state_dict())
+    assert any(isinstance(m, QFormerAttention) and m.slot for m in qf.modules())  # slot attention stays
+    patches = ablation.vision(_batch(False)["vision_pixels"])
+    # From BERT's 0.02-std start the term hardly differs between queries, and a term the same for every
+    # query cancels in slot attention's softmax over the queries: widen it so that it shows.
+    for m in method.modules():
+        if isinstance(m, Deconfounder):
+            for linear in (m.q, m.k, m.v):
+                torch.nn.init.normal_(linear.weight, std=1.0)
+    before = method.encoder.qformer(patches)
+    method.encoder.qformer.dictionary.mul_(-1.0)
+    assert not torch.allclose(before, method.encoder.qformer(patches))
+
+
+def test_wo_deconfound_loads_a_deconfounded_encoder_without_its_deconfounder(tiny_cfg, tmp_path):
+    """The world's row starts from the stage-0 encoder, which stage 0 trained with a deconfounder: its
+    deconfounder weights are left unused, and everything else loads."""
+    path = save_encoder_weights(MorphModel(tiny_cfg).encoder, tmp_path / "encoder.safetensors")
+    report = load_encoder_weights(row_stage("wo_deconfound", 1).model.encoder, path)
+    assert report.unused and all(".deconfounder." in k for k in report.unused)
+    assert report.fresh == []
+
+
+# ---- abstr-abstr (VQ) ------------------------------------------------------------------------------
+def test_abstr_abstr_ties_mhat_to_m_and_keeps_the_decoder_loss_out_of_the_llm():
+    """M̂ is M: the decoder reads the target image's own morph tokens (the codebook vectors of its ids,
+    which is what generation reads for emitted ids), so the decoder's loss trains the decoder and the
+    encoder, never the LLM; the LLM learns M from the morph CE, weighted 1 in stage 2."""
+    stage = row_stage("abstr_abstr_vq", 2)
+    assert stage.hparams.morph_ar_weight == 1.0
+    model, batch = stage.model, _batch(False)
+    enc = model.encode_images(batch["vision_pixels"])
+    samples = [Sample(prompt=[c], answer=[ImageRef(i, target=True)]) for i, c in enumerate(batch["captions"])]
+    seq = stage.sequences(samples, enc, batch)
+    out = model.run_llm(seq, enc)
+    mhat = model.post_mllm_tokens(out, seq.targets, enc)
+    codebook = model.encoder.quantizer.codebook
+    torch.testing.assert_close(mhat, codebook[enc.ids[[i for _, _, i in seq.targets]]])
+    stage.decoder_term(seq, out, batch, enc).backward()
+    assert _grad(model.decoder) > 0 and _grad(model.encoder.encode_task_layer) > 0
+    assert _grad(model.llm) == 0
+
+
+def test_abstr_abstr_morph_ce_teaches_the_llm_to_emit_m():
+    quantizer = {**tiny_model_config()["quantizer"], "dead_code_threshold": 0.0}  # M stays put
+    history = fit_fixed_batch(row_stage("abstr_abstr_vq", 2, quantizer=quantizer), _batch(False), steps=12)
+    assert history[0]["morph_ce"] > 0 and history[-1]["morph_ce"] < 0.7 * history[0]["morph_ce"]
+
+
+def test_abstr_abstr_generates_from_the_ids_the_llm_emits(monkeypatch):
+    """At inference M̂ is the codebook vectors of the morph ids the LLM emitted (padded with <Emp>'s
+    zeros): generation's `codes` path, as it is."""
+    model = row_stage("abstr_abstr_vq", 3).model.eval()
+    rows, prefixes = [], []
+    render, draw = generation._render, model.decoder.generate
+    monkeypatch.setattr(generation, "_render", lambda m, ids: rows.append(list(ids)) or render(m, ids))
+    monkeypatch.setattr(
+        model.decoder, "generate", lambda prefix, **kw: prefixes.append(prefix) or draw(prefix, **kw)
+    )
+    greedy = {"temperature": 0.0, "image_temperature": 0.0, "start_image": True}
+    out = generation.generate(
+        model, [Sample(prompt=["a red"])] * 2, max_new_tokens=model.num_tokens + 2, **greedy
+    )
+    assert out.images == [[0], [1]]
+    v, codebook = model.vocab, model.encoder.quantizer.codebook
+    for ids, prefix in zip(rows, prefixes[0], strict=True):
+        morph = [t - v.morph_offset for t in ids if v.morph_offset <= t < v.code_offset]
+        torch.testing.assert_close(prefix, model.complete_mhat(codebook[morph]))
+
+
+# ---- continuous ----------------------------------------------------------------------------------
+def test_continuous_has_no_quantizer_and_regresses_the_next_token_with_mse():
+    """The MLP's outputs go to the LLM as they are, one placeholder id per slot; stage 1's loss is the
+    CE on text plus the MSE of the vector regressed at each position that precedes an image token."""
+    stage = row_stage("continuous", 1)
+    model, batch = stage.model, _batch(False)
+    assert model.encoder.quantizer is None
+    assert not any(k.startswith("encoder.quantizer") for k in model.state_dict())
+    assert model.vocab.num_morph == 1
+    enc = model.encode_images(batch["vision_pixels"])
+    z = model.encoder.encode_task_layer(model.encoder.qformer(model.vision(batch["vision_pixels"])))
+    torch.testing.assert_close(enc.z_q, z)
+    assert enc.quant_loss is None and not enc.ids.any()
+
+    torch.manual_seed(0)
+    losses = stage.losses(batch)
+    assert "morph_ce" not in losses and "quant" not in losses
+    torch.testing.assert_close(losses["ce"], losses["text_ce"])  # the placeholder ids are no CE target
+    torch.testing.assert_close(losses["loss"], losses["ce"] + losses["morph_mse"])
+
+    torch.manual_seed(0)  # the same image sides as `losses` drew
+    samples = [
+        Sample(answer=[ImageRef(i), c] if first else [c, ImageRef(i)])
+        for i, (c, first) in enumerate(
+            zip(batch["captions"], torch.rand(len(batch["captions"])) < 0.5, strict=True)
+        )
+    ]
+    seq = stage.sequences(samples, enc, batch)
+    out = model.run_llm(seq, enc)
+    n = model.num_tokens
+    errs = []  # by hand: positions <img> .. m_31 predict m_1 .. m_32 (every token of stage 1 is scored)
+    for b, p in (seq.input_ids == model.vocab.img_start).nonzero().tolist():
+        i = int(seq.image_slot[b, p + 1]) // n
+        errs.append(F.mse_loss(out.vectors[b, p : p + n], enc.z_q[i].detach()))
+    torch.testing.assert_close(model.next_token_mse(out, seq, enc), torch.stack(errs).mean())
+
+
+def test_continuous_mse_is_stage3s_morph_term():
+    stage = row_stage("continuous", 3)
+    losses = stage.losses(_batch(True))
+    expected = losses["text_ce"] + stage.hparams.decoder_weight * losses["decoder_ce"] + losses["morph_mse"]
+    assert stage.hparams.morph_ar_weight == 1.0 and losses["morph_mse"] > 0
+    torch.testing.assert_close(losses["loss"], expected)
+
+
+# ---- w/o decoder and detail-detail: the LLM writes the VQGAN codes X itself ---------------------------
+def _image_spans(seq, vocab) -> list[list[int]]:
+    """The ids between each <img> and </img> of the batch, row by row."""
+    spans = []
+    for row in seq.input_ids.tolist():
+        while vocab.img_start in row:
+            start = row.index(vocab.img_start)
+            end = row.index(vocab.img_end, start)
+            spans.append(row[start + 1 : end])
+            row = row[end + 1 :]
+    return spans
+
+
+def test_wo_decoder_has_no_decoder_and_the_llm_writes_x_with_ce():
+    """Stage 2: the caption row reads the image as morph tokens M; the text-to-image row writes it as its
+    VQGAN codes X (code tokens of the LLM's own vocabulary), labelled for the CE."""
+    stage = row_stage("wo_decoder", 2)
+    model, batch = stage.model, _batch(False)
+    assert model.decoder is None and not any(k.startswith("decoder.") for k in model.state_dict())
+    v = model.vocab
+    assert (
+        v.num_codes == model.vqgan.codebook.shape[0] and v.num_morph == model.encoder.quantizer.codebook_size
+    )
+    enc = model.encode_images(batch["vision_pixels"])
+    x = model.vqgan_codes(batch["vqgan_pixels"])
+    captions = batch["captions"]
+    samples = [Sample(prompt=[ImageRef(0)], answer=[captions[0]]), Sample([captions[0]], [ImageRef(0, True)])]
+    seq = stage.sequences(samples, enc, batch)
+    read, written = _image_spans(seq, v)
+    assert read == v.morph_ids(enc.ids[0]).tolist()
+    assert written == (x[0] + v.code_offset).tolist()
+    ((b, p, _),) = seq.targets
+    assert seq.labels[b, p : p + len(written)].tolist() == written  # CE on every code
+    losses = stage.losses(batch)
+    assert losses["code_ce"] > 0 and losses["morph_ce"] == 0  # the image answers are X, not M
+    torch.testing.assert_close(losses["loss"], losses["text_ce"] + losses["code_ce"] + losses["quant"])
+
+
+def test_detail_detail_reads_and_writes_vqgan_codes_only():
+    """No vision tower, morph encoder or decoder; stage 1 auto-regresses `<img> X </img> Y` and
+    `Y <img> X </img>` with one CE over text and codes (TEAL's unified AR)."""
+    stage = row_stage("detail_detail", 1)
+    model, batch = stage.model, _batch(False)
+    assert model.vision is None and model.encoder is None and model.decoder is None
+    assert model.vocab.num_morph == 0 and model.num_tokens == model.vqgan.codes_per_image
+    assert not any(k.split(".")[0] in ("vision", "encoder", "decoder") for k in model.state_dict())
+    x = model.vqgan_codes(batch["vqgan_pixels"])
+    samples = [Sample(answer=[ImageRef(0), "a"]), Sample(answer=["a", ImageRef(1)])]
+    seq = stage.sequences(samples, None, batch)
+    assert _image_spans(seq, model.vocab) == [(x[i] + model.vocab.code_offset).tolist() for i in (0, 1)]
+    losses = stage.losses(batch)
+    assert set(losses) == {"loss", "ce", "text_ce", "code_ce"}
+    assert losses["code_ce"] > 0 and torch.equal(losses["loss"], losses["ce"])
+    scored = seq.labels[seq.labels != IGNORE]
+    assert model.vocab.is_code(scored).sum() == 2 * model.vqgan.codes_per_image
+
+
+# ---- the fragments ---------------------------------------------------------------------------------
+def test_world_fragments_set_what_the_paper_fragments_set():
+    for row in ROWS:
+        assert fragment(row, world=True) == fragment(row), row
+
+
+@pytest.mark.parametrize("world", [False, True])
+@pytest.mark.parametrize("row", ROWS)
+def test_each_fragment_parses_over_each_stage(row, world, capsys, tmp_path, monkeypatch):
+    """`fit --config [world/]stageN.yaml --config [world/]ablations/<row>.yaml` parses, and every value of
+    the fragment arrives in the model section."""
+    monkeypatch.chdir(tmp_path)
+    scale = "world/" if world else ""
+    for stage in (1, 2, 3):
+        args = ["--config", f"{scale}stage{stage}.yaml", "--config", f"{scale}ablations/{row}.yaml"]
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", *args, "--print_config"])
+        out, err = capsys.readouterr()
+        assert exc.value.code in (0, None), err
+        init = yaml.safe_load(out)["model"]["init_args"]
+        assert _merge(init, fragment(row, world)) == init, (row, stage)
