@@ -107,6 +107,27 @@ def test_top_k_one_equals_greedy(model: MorphDecoder) -> None:
     assert torch.equal(sampled, model.generate(prefix, temperature=0.0))
 
 
+@pytest.mark.parametrize("b", [1, 3])
+def test_static_cache_draws_the_dynamic_cache_codes(model: MorphDecoder, b: int) -> None:
+    """The static cache writes buffers of the whole sequence in place and must attend to the filled
+    positions only: greedy and sampled with the same seed, it draws what the dynamic cache draws."""
+    prefix, _ = batch(b)
+    greedy = model.generate(prefix, temperature=0.0)
+    assert torch.equal(model.generate(prefix, temperature=0.0, cache="static"), greedy)
+    sampled = [
+        model.generate(prefix, top_k=10, generator=torch.Generator().manual_seed(7), cache=cache)
+        for cache in ("dynamic", "static")
+    ]
+    assert torch.equal(*sampled)
+
+
+def test_compile_needs_the_static_cache(model: MorphDecoder) -> None:
+    prefix, _ = batch(1)
+    for cache in ("dynamic", "none", "sliding"):
+        with pytest.raises(ValueError, match="cache must be"):
+            model.generate(prefix, cache=cache, compile=cache != "sliding")
+
+
 def test_rejects_bad_shapes(model: MorphDecoder) -> None:
     prefix, codes = batch()
     with pytest.raises(ValueError):

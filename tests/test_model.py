@@ -185,20 +185,48 @@ def test_batched_generation_with_images_in_prompts_matches_each_prompt_alone(tin
             torch.testing.assert_close(alone.pixels, together.pixels[together.images[b]])
 
 
-def test_the_kv_caches_give_what_recomputing_every_step_gives(tiny_cfg, monkeypatch):
-    """`use_cache=False` (the benchmark's baseline) reruns the whole sequence each step in the LLM and the
-    decoder; greedy, both must emit the same ids and codes. `start_image` makes every row draw first."""
+def _spy_codes(model: MorphModel, monkeypatch) -> list[torch.Tensor]:
+    """Records the codes the decoder draws, one tensor per `generate` call that draws."""
+    seen = []
+    real = model.decoder.generate
+    monkeypatch.setattr(model.decoder, "generate", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("cache", ["none", "static"])
+def test_every_cache_draws_what_the_dynamic_cache_draws(tiny_cfg, monkeypatch, cache, rows):
+    """Greedy text-to-image (`start_image` makes every row draw first) through the LLM and the decoder.
+    "none" (the benchmark's baseline) reruns the whole sequence each step; "static" writes buffers of the
+    whole sequence in place and must attend to the filled positions only. Both must emit the dynamic
+    caches' ids and codes. The three prompts differ in length (left padding), the first holds an image."""
     model = MorphModel(tiny_cfg).eval()
     batch = _batch(instruct=True, n=3)
-    prompts = [Sample(prompt=s.prompt) for s in batch["samples"]]
-    ids = _spy_ids(monkeypatch)
-    codes = []
-    real = model.decoder.generate
-    monkeypatch.setattr(model.decoder, "generate", lambda *a, **k: codes.append(real(*a, **k)) or codes[-1])
+    prompts = [Sample(prompt=s.prompt) for s in batch["samples"]][:rows]
+    ids, codes = _spy_ids(monkeypatch), _spy_codes(model, monkeypatch)
     kw = {"max_new_tokens": model.num_tokens + 4, "temperature": 0.0, "image_temperature": 0.0}
-    cached = generate(model, prompts, batch["vision_pixels"], start_image=True, **kw)
-    again = generate(model, prompts, batch["vision_pixels"], start_image=True, use_cache=False, **kw)
-    assert ids[:3] == ids[3:] and all(row[0] == model.vocab.img_start for row in ids)  # one list per row
-    assert cached.images == again.images == [[0], [1], [2]]
+    dynamic = generate(model, prompts, batch["vision_pixels"], start_image=True, **kw)
+    other = generate(model, prompts, batch["vision_pixels"], start_image=True, cache=cache, **kw)
+    assert ids[:rows] == ids[rows:]  # one list per row and call
+    assert all(row[0] == model.vocab.img_start for row in ids)
+    assert dynamic.images == other.images == [[k] for k in range(rows)]
     assert torch.equal(codes[0], codes[1])
-    torch.testing.assert_close(cached.pixels, again.pixels)
+    torch.testing.assert_close(dynamic.pixels, other.pixels)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_static_cache_captions_what_the_dynamic_cache_captions(tiny_cfg, monkeypatch, rows):
+    """Captioning, the LLM alone: an image and an instruction (a longer one in each row, so left padding)
+    in, greedy text out, the same ids from the static cache as from the dynamic one."""
+    model = MorphModel(tiny_cfg).eval()
+    pixels = _batch(n=rows)["vision_pixels"]
+    prompts = [
+        Sample(prompt=["USER: ", ImageRef(k), " Describe it" + " briefly" * k + ". ASSISTANT:"])
+        for k in range(rows)
+    ]
+    ids = _spy_ids(monkeypatch)
+    kw = {"max_new_tokens": 16, "temperature": 0.0, "image_temperature": 0.0}
+    dynamic = generate(model, prompts, pixels, **kw)
+    static = generate(model, prompts, pixels, cache="static", **kw)
+    assert ids[:rows] == ids[rows:] and dynamic.texts == static.texts
+    assert [len(row) for row in ids[:rows]] == [16] * rows  # no row ended at once

@@ -1,4 +1,4 @@
-"""Batched generation with the KV cache: text, and images between <img> and </img>.
+"""Batched generation with KV caches: text, and images between <img> and </img>.
 
 In text mode morph ids are masked; after <img> only morph ids and </img> may follow, and </img> is
 forced after 32 morph tokens. M̂ is collected per step (the hidden state that emitted each morph token,
@@ -9,7 +9,11 @@ codes and pixels.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import DynamicCache, StaticCache
 
+from morph_lightning.modeling.decoder import CACHES, compile_step
 from morph_lightning.modeling.encoder import EncoderOutput
 from morph_lightning.modeling.model import GenerationOutput, MorphModel
 from morph_lightning.modeling.sampling import sample_next
@@ -59,23 +63,42 @@ def generate(
     image_top_k: int | None = None,
     generator: torch.Generator | None = None,
     start_image: bool = False,
-    use_cache: bool = True,
+    cache: str = "dynamic",
+    compile: bool = False,
 ) -> GenerationOutput:
     """Continue each prompt (its `answer` empty); images in prompts index into `vision_pixels`.
 
     `start_image`: every answer starts with `<img>`, so each row draws an image first (text-to-image
-    asked for, rather than left to the model). `use_cache=False` runs the whole sequence again at every
-    step in both the LLM and the decoder (the same tokens, much slower): the baseline that
-    `benchmarks/generation.py` measures the KV caches against."""
+    asked for, rather than left to the model). `cache`, for the LLM and the decoder alike: "dynamic" KV
+    caches grow by a position each step; "static" ones are allocated for the whole sequence and written
+    in place, so every step has the same shapes, which `compile` (each one-step function under
+    `torch.compile`, CUDA graphs on CUDA) needs; "none" runs the whole sequence again at every step (the
+    same tokens, much slower): the baseline that `benchmarks/generation.py` measures the caches against."""
+    if cache not in CACHES or (compile and cache != "static"):
+        raise ValueError(f"cache must be one of {CACHES} (static with compile), got {cache!r}")
     v, tok = model.vocab, model.llm.tokenizer
     device = model.llm.new_head.weight.device
     batch, enc = prompt_batch(model, prompts, vision_pixels)
-    seen = model.llm.embed(batch.input_ids, model.morph_vectors(batch, enc))  # every input so far
-    out = model.llm(
-        seen, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=use_cache
-    )
-    rows = len(prompts)
-    mask, positions = batch.attention_mask, batch.position_ids
+    rows, filled = batch.input_ids.shape
+    static = cache == "static"
+    if static:
+        past = StaticCache(config=model.llm.hf.config, max_cache_len=filled + max_new_tokens)
+    else:
+        past = DynamicCache(config=model.llm.hf.config) if cache == "dynamic" else None
+    # The padding mask of every position the loop can reach, each column written as its token comes: a
+    # static cache is given all of it (its shapes never change), the others the part filled so far.
+    mask = F.pad(batch.attention_mask, (0, max_new_tokens))
+
+    def llm_step(inputs: Tensor, positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The last position's hidden state and logits; the cache takes in the inputs' keys and values."""
+        out = model.llm(inputs, mask, positions, past_key_values=past, use_cache=past is not None)
+        return out.hidden[:, -1], out.logits[:, -1]
+
+    # The LLM's inputs this step: every input so far without a cache, the new token's with one.
+    inputs = model.llm.embed(batch.input_ids, model.morph_vectors(batch, enc))
+    positions = batch.position_ids
+    hidden, logits = llm_step(inputs, positions, mask if static else mask[:, :filled])  # the prompt
+    step = compile_step(llm_step, device) if compile else llm_step
     in_image = torch.zeros(rows, dtype=torch.bool, device=device)
     count = torch.zeros(rows, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -83,13 +106,12 @@ def generate(
     mhat_rows: list[list[torch.Tensor]] = [[] for _ in range(rows)]
     finished_images: list[tuple[int, torch.Tensor]] = []
     codebook = model.encoder.quantizer.codebook
-    hidden, logits, past = out.hidden[:, -1], out.logits[:, -1], out.past_key_values
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         logits = logits.float().masked_fill(~_allowed_mask(model, in_image, count), float("-inf"))
         text_next = sample_next(logits, temperature, top_k, top_p, generator)
         image_next = sample_next(logits, image_temperature, image_top_k, None, generator)
         nxt = torch.where(in_image, image_next, text_next)
-        if start_image and step == 0:
+        if start_image and i == 0:
             nxt = torch.full_like(nxt, v.img_start)
         nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
         is_morph = v.is_morph(nxt) & ~done
@@ -118,24 +140,27 @@ def generate(
             break
         morph_vecs = codebook[v.codes(nxt)].unsqueeze(1)
         embeds = model.llm.embed(nxt.unsqueeze(1), morph_vecs)
-        mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-        if use_cache:
-            step_positions = positions[:, -1:]
-            out = model.llm(
-                embeds, attention_mask=mask, position_ids=step_positions, past_key_values=past, use_cache=True
-            )
+        mask[:, filled] = ~done
+        filled += 1
+        step_positions = positions[:, -1:] + 1
+        if cache == "none":
+            inputs = torch.cat([inputs, embeds], dim=1)
+            positions = torch.cat([positions, step_positions], dim=1)
         else:
-            seen = torch.cat([seen, embeds], dim=1)
-            out = model.llm(seen, attention_mask=mask, position_ids=positions)
-        hidden, logits, past = out.hidden[:, -1], out.logits[:, -1], out.past_key_values
+            inputs, positions = embeds, step_positions
+        hidden, logits = step(inputs, positions, mask if static else mask[:, :filled])
 
     images: list[list[int]] = [[] for _ in range(rows)]
     pixels = None
     if finished_images:
         mhat = torch.stack([m for _, m in finished_images]).to(model.decoder_dtype)
         x = model.decoder.generate(
-            mhat, temperature=image_temperature, top_k=image_top_k, generator=generator, use_cache=use_cache
+            mhat,
+            temperature=image_temperature,
+            top_k=image_top_k,
+            generator=generator,
+            cache=cache,
+            compile=compile,
         )
         pixels = model.vqgan.decode_codes(x).clamp(-1, 1)
         for k, (b, _) in enumerate(finished_images):

@@ -8,6 +8,7 @@ reconstruction loss flow back through it into the LLM (LoRA) and the morph-token
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,23 @@ from morph_lightning.modeling.sampling import sample_next
 
 KV = tuple[Tensor, Tensor]  # one layer's (k, v), each [B, n_head, T, head_dim]
 KVCache = list[KV]
+CACHES = ("none", "dynamic", "static")
+
+
+def compile_step(fn: Callable, device: torch.device) -> Callable:
+    """`fn`, one decoding step, under `torch.compile`: CUDA graphs on CUDA ("reduce-overhead"), inductor's
+    default elsewhere. A CUDA graph's outputs live in memory that its next replay overwrites, so on CUDA
+    each call starts a new graph step and returns copies of the outputs (`fn` returns tensors only)."""
+    if device.type != "cuda":
+        return torch.compile(fn)
+    fast = torch.compile(fn, mode="reduce-overhead")
+
+    def step(*args: object) -> object:
+        torch.compiler.cudagraph_mark_step_begin()
+        out = fast(*args)
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+    return step
 
 
 @dataclass
@@ -49,12 +67,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, past: KV | None = None) -> tuple[Tensor, KV]:
-        """x [B, T, C]; past: this layer's cached (k, v). Returns the output and the updated (k, v)."""
+    def forward(self, x: Tensor, past: KV | None = None, pos: Tensor | None = None) -> tuple[Tensor, KV]:
+        """x [B, T, C]; past: this layer's cached (k, v). Returns the output and the updated (k, v).
+
+        With `pos` (x's positions, [T]) the cache is static: `past` holds buffers for the whole sequence,
+        written in place at `pos`, so that every step has the same shapes."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if past is not None:
+        mask = None
+        if pos is not None:
+            past[0].index_copy_(2, pos, k)
+            past[1].index_copy_(2, pos, v)
+            k, v = past
+            # Each position sees the filled ones up to itself, not the buffers' unwritten tail.
+            mask = torch.arange(k.size(2), device=pos.device) <= pos.unsqueeze(1)
+        elif past is not None:
             # SDPA's is_causal aligns the mask top-left, which is wrong once keys outnumber queries, so the
             # cached path is restricted to one new position, which may attend to every cached key.
             if T != 1:
@@ -62,7 +90,7 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=past is None
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=past is None
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.c_proj(y)), (k, v)
@@ -88,8 +116,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, past: KV | None = None) -> tuple[Tensor, KV]:
-        a, kv = self.attn(self.ln_1(x), past)
+    def forward(self, x: Tensor, past: KV | None = None, pos: Tensor | None = None) -> tuple[Tensor, KV]:
+        a, kv = self.attn(self.ln_1(x), past, pos)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv
@@ -151,15 +179,40 @@ class MorphDecoder(nn.Module):
         # The LLM may run in a different dtype (e.g. bf16 weights); the cast keeps the graph for gradients.
         return self.prefix_ln(self.prefix_proj(prefix.to(self.prefix_proj.weight.dtype)))
 
-    def _run_blocks(self, x: Tensor, start: int, cache: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        """Add positions start..start+T-1 to x [B, T, C], run every block, return ln_f output and (k, v)s."""
-        pos = torch.arange(start, start + x.size(1), device=x.device)
+    def _run_blocks(
+        self, x: Tensor, start: int | Tensor, cache: KVCache | None = None, static: bool = False
+    ) -> tuple[Tensor, KVCache]:
+        """Add positions start..start+T-1 to x [B, T, C], run every block, return ln_f output and (k, v)s.
+
+        `static`: `cache` is `static_cache`'s buffers, written in place."""
+        pos = start + torch.arange(x.size(1), device=x.device)
         x = self.drop(x + self.wpe(pos))
         new_cache: KVCache = []
         for i, block in enumerate(self.h):
-            x, kv = block(x, None if cache is None else cache[i])
+            x, kv = block(x, None if cache is None else cache[i], pos if static else None)
             new_cache.append(kv)
         return self.ln_f(x), new_cache
+
+    def _next_logits(
+        self, x: Tensor, start: int | Tensor, cache: KVCache | None = None, static: bool = False
+    ) -> tuple[Tensor, KVCache]:
+        """The logits that follow x [B, T, C] at positions start.., and the (k, v)s."""
+        x, cache = self._run_blocks(x, start, cache, static)
+        return self.lm_head(x[:, -1]), cache
+
+    def _static_step(self, x: Tensor, start: Tensor, cache: KVCache) -> Tensor:
+        """`_next_logits` on a static cache, which it fills in place: the step that `compile` wraps."""
+        return self._next_logits(x, start, cache, static=True)[0]
+
+    def static_cache(self, batch: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        """Every layer's (k, v) for the whole sequence, zeros of [batch, n_head, block_size, head_dim]."""
+        c = self.config
+        shape = (batch, c.n_head, c.block_size, c.n_embd // c.n_head)
+        cache = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv") for _ in self.h]
+        for kv in cache:
+            for t in kv:  # CUDA graphs then read and write them in place instead of copying them each step
+                torch._dynamo.mark_static_address(t)
+        return cache
 
     def forward(self, prefix: Tensor, codes: Tensor) -> Tensor:
         """Teacher-forced logits: prefix [B, n_prefix, prefix_dim], codes [B, L] -> [B, L, vocab_size].
@@ -189,25 +242,36 @@ class MorphDecoder(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
-        use_cache: bool = True,
+        cache: str = "dynamic",
+        compile: bool = False,
     ) -> Tensor:
         """Sample codes [B, n_codes] from p(X | prefix): one pass over the prefix, then one code per step.
 
         Dropout follows the module's mode; call ``.eval()`` first for deterministic decoding.
-        `use_cache=False` runs the whole sequence again at every step (the same codes, much slower): the
-        baseline `benchmarks/generation.py` measures the KV cache against.
+        `cache`: "dynamic" grows each layer's (k, v) by a position a step; "static" writes them into
+        buffers of the whole sequence, so every step has the same shapes, which `compile` (the step under
+        `torch.compile`, CUDA graphs on CUDA) needs; "none" runs the whole sequence again at every step
+        (the same codes, much slower): the baseline `benchmarks/generation.py` measures the caches against.
         """
-        start = self._embed_prefix(prefix)
-        x, cache = self._run_blocks(start, start=0)
+        if cache not in CACHES or (compile and cache != "static"):
+            raise ValueError(f"cache must be one of {CACHES} (static with compile), got {cache!r}")
+        start, static = self._embed_prefix(prefix), cache == "static"
+        kv = self.static_cache(len(start), start.dtype, start.device) if static else None
+        logits, kv = self._next_logits(start, 0, kv, static)  # the prefix: not compiled
+        step = compile_step(self._static_step, start.device) if compile else self._static_step
         n_prefix, n_codes = self.config.n_prefix, self.config.n_codes
+        # The static step's position as a tensor: a compiled step does not specialise on its value.
+        pos = torch.tensor(n_prefix - 1, device=start.device)
         codes = torch.empty(prefix.size(0), n_codes, dtype=torch.long, device=prefix.device)
         for i in range(n_codes):
-            logits = self.lm_head(x[:, -1])
             codes[:, i] = sample_next(logits, temperature, top_k=top_k, top_p=top_p, generator=generator)
             if i + 1 == n_codes:
                 break
-            if use_cache:
-                x, cache = self._run_blocks(self.wte(codes[:, i : i + 1]), start=n_prefix + i, cache=cache)
+            if cache == "none":
+                logits, _ = self._next_logits(torch.cat([start, self.wte(codes[:, : i + 1])], dim=1), 0)
+            elif static:
+                pos = pos + 1
+                logits = step(self.wte(codes[:, i : i + 1]), pos, kv)
             else:
-                x, _ = self._run_blocks(torch.cat([start, self.wte(codes[:, : i + 1])], dim=1), start=0)
+                logits, kv = self._next_logits(self.wte(codes[:, i : i + 1]), n_prefix + i, kv)
         return codes
