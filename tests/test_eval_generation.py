@@ -13,7 +13,7 @@ from morph_lightning.data_modules.sources.templates import TEXT_TO_IMAGE
 from morph_lightning.evaluate import main as evaluate_main
 from morph_lightning.evaluation.runner import evaluate
 from morph_lightning.evaluation.tasks import get_task
-from tiny_scorers import save_tiny_clip
+from tiny_scorers import save_random_inception, save_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,13 @@ def test_a_folder_of_images_scores_alone(karpathy, clip):
     scores = evaluate_main([*args, "--option", f"clip_model={clip}"])
     assert scores["scored"] == 2 and scores["images"] == 3
     assert scores["clip_similarity"] == pytest.approx(100, abs=1e-3)
+    assert "fid" not in scores  # an option
+
+    inception = save_random_inception(karpathy / "inception.pth")
+    fid = ["--option", "fid=true", "--option", f"fid_weights={inception}", "--option", "clip_model="]
+    scores = evaluate_main([*args, *fid])
+    assert scores["fid"] == pytest.approx(0, abs=1e-2)  # the references themselves
+    assert f"FID {scores['fid']:.2f}" in (karpathy / "s" / "table.md").read_text()
 
 
 def test_coco_val30k_draws_a_fixed_seeded_sample(tmp_path, clip):

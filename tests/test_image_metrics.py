@@ -25,7 +25,7 @@ from morph_lightning.data_modules.transforms import ImageTransforms
 from morph_lightning.evaluation.image_metrics import ImageScorer
 from morph_lightning.evaluation.perceptual import weights_path
 from morph_lightning.stages.contrastive_towers import ContrastiveTowers, tower_args_path
-from tiny_scorers import TINY_VISION, save_tiny_clip
+from tiny_scorers import TINY_VISION, save_random_inception, save_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 # the world's stage-0 image tower (48 px, 2 blocks of width 64): tiny, and the one the world ships
@@ -252,3 +252,35 @@ def test_tower_without_sidecar_or_with_unknown_arguments_says_what_to_write(expo
         FileNotFoundError, match=r"image tower \S*nowhere.safetensors not found \(option cvs_model\)"
     ):
         ImageScorer(cvs_model=str(tmp_path / "nowhere.safetensors")).cvs(*PAIR)
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_random_inception(tmp_path_factory.mktemp("fid") / "inception.pth")
+
+
+def test_fid_is_zero_for_the_same_set_and_equals_torchmetrics(inception):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    rng = np.random.default_rng(0)
+    a = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(4)]
+    b = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) // 4) for _ in range(4)]
+    b[1] = b[1].resize((56, 48))  # another size: updated apart from the rest
+    scorer = ImageScorer(fid_weights=str(inception), batch_size=3)
+
+    assert abs(scorer.fid_over_files(list(zip(a, a, strict=True)), lambda im: im)) < 1e-2
+    fid = scorer.fid_over_files(list(zip(a, b, strict=True)), lambda im: im)
+    direct = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(inception))
+    as_uint8 = [torch.from_numpy(np.asarray(im)).permute(2, 0, 1).unsqueeze(0) for im in a + b]
+    for i, x in enumerate(as_uint8):
+        direct.update(x, real=i >= len(a))
+    assert fid > 1 and fid == pytest.approx(float(direct.compute()), rel=1e-4)
+    assert scorer.fid_over_files([(a[0], b[0])], lambda im: im) is None  # one pair: no covariance
+
+
+def test_missing_fid_weights_say_where_to_put_them(tmp_path):
+    scorer = ImageScorer(fid_weights=str(tmp_path / "none.pth"))
+    image = Image.new("RGB", (8, 8))
+    with pytest.raises(FileNotFoundError, match=r"none\.pth: copy torch-fidelity's weights-inception"):
+        scorer.fid_over_files([(image, image)] * 2, lambda im: im)

@@ -20,3 +20,29 @@ def save_tiny_clip(folder: Path) -> Path:
         folder
     )
     return folder
+
+
+def save_random_inception(path: Path) -> Path:
+    """torch-fidelity's FID Inception with random weights (He-initialised convolutions, so that the pool
+    features do not vanish), saved as a real weights file is. Its constructor always loads a state dict,
+    so the model is built once around an empty one."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    empty = path.with_name("empty.pth")
+    torch.save({}, empty)
+    load = FeatureExtractorInceptionV3.load_state_dict
+    FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None  # keep the random init
+    try:
+        model = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)
+        )
+    finally:
+        FeatureExtractorInceptionV3.load_state_dict = load
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        torch.nn.init.kaiming_normal_(
+            conv.weight, nonlinearity="relu"
+        )  # features keep their scale over depth
+    torch.save(model.state_dict(), path)
+    return path

@@ -19,7 +19,8 @@ world) scores with its own stage-0 tower. Such scores are on that tower's scale,
 Similarities are cosines x100, as the paper's tables print them (GILL and MagicBrush print raw cosines).
 Distances are raw: L1 0.05 and LPIPS 0.279 are the tables' 5.0 and 27.9, so a table multiplies them by 100.
 Models load on first use, from a local directory or the Hugging Face cache only: nothing is downloaded.
-FID is not here: torchmetrics' FID needs torch-fidelity (for its Inception weights), which is not installed.
+- `fid` (a set score, not per pair): torchmetrics' FrechetInceptionDistance over the 2048-d pool features
+  of torch-fidelity's Inception (the TF FID network), each image as it is (torchmetrics resizes to 299).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ DINO_TRANSFORM = T.Compose(
         T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     ]
 )
+# torch-fidelity's FID Inception as torch.hub caches it (converted from the TensorFlow FID network)
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 LPIPS_SIZE = 256  # GILL resizes both images to 256x256, "to match the AlexNet model used"
 TOWER_SUFFIX = ".safetensors"  # a clip_model / cvs_model ending so is an exported image tower, not a CLIP
 
@@ -102,8 +105,11 @@ class ImageScorer:
         lpips_net: str | None = "alex",
         device: str = "cpu",
         batch_size: int = 32,
+        fid_weights: str | None = None,
     ) -> None:
+        """`fid_weights`: torch-fidelity's Inception file; None looks for it in the torch hub cache."""
         self.clip_model, self.cvs_model, self.dino_model = clip_model, cvs_model, dino_model
+        self.fid_weights = fid_weights
         self.lpips_net, self.device, self.batch_size = lpips_net, torch.device(device), batch_size
 
     # --- models, loaded on first use ---
@@ -300,3 +306,35 @@ class ImageScorer:
             for m in metrics:
                 per_pair[m] += getattr(self, self.METRICS[m])(generated, reference)
         return {m: float(np.mean(v)) if v else None for m, v in per_pair.items()}
+
+    def _inception_file(self) -> str:
+        path = Path(self.fid_weights or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
+        if not path.is_file():  # torch-fidelity would download it: say where to put it instead
+            raise FileNotFoundError(
+                f"FID Inception weights not found at {path}: copy torch-fidelity's {INCEPTION_FILE} there, "
+                "or pass --option fid_weights=FILE"
+            )
+        return str(path)
+
+    @torch.inference_mode()
+    def fid_over_files(
+        self, pairs: list[tuple[object, object]], read: Callable[[object], Image.Image]
+    ) -> float | None:
+        """FID of the generated images against the references (None below two pairs: no covariance), the
+        images read a batch at a time; each image goes in as uint8 at its own size, same-size images of a
+        batch together."""
+        if len(pairs) < 2:
+            return None
+        from torchmetrics.image.fid import FrechetInceptionDistance  # imports torch-fidelity: only for FID
+
+        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=self._inception_file())
+        fid = fid.to(self.device)
+        for k in range(0, len(pairs), self.batch_size):
+            chunk = pairs[k : k + self.batch_size]
+            for real, sources in ((False, [g for g, _ in chunk]), (True, [r for _, r in chunk])):
+                by_size: dict[tuple[int, int], list[torch.Tensor]] = {}
+                for image in _rgb([read(src) for src in sources]):
+                    by_size.setdefault(image.size, []).append(torch.from_numpy(np.asarray(image).copy()))
+                for same in by_size.values():
+                    fid.update(torch.stack(same).permute(0, 3, 1, 2).to(self.device), real=real)
+        return float(fid.compute())

@@ -50,6 +50,8 @@ class TextToImageTask(BenchmarkTask):
         "caption": 0,
         "clip_model": "openai/clip-vit-large-patch14",  # "": skip; a stage-0 tower file: the world's
         "l1": False,  # also L1 to the ground truth (meaningful where images are exact renders: the world)
+        "fid": False,  # also FID against the ground-truth images (torch-fidelity's Inception, local weights)
+        "fid_weights": "",  # its weights file; "" looks in the torch hub cache
         "device": "cpu",
         "batch_size": 32,
     }
@@ -90,6 +92,7 @@ class TextToImageTask(BenchmarkTask):
             clip_model=self.options["clip_model"],
             device=self.options["device"],
             batch_size=self.options["batch_size"],
+            fid_weights=self.options["fid_weights"] or None,
         )
         metrics = tuple(
             m for m, on in (("clip", self.options["clip_model"]), ("l1", self.options["l1"])) if on
@@ -98,6 +101,7 @@ class TextToImageTask(BenchmarkTask):
         return {
             "clip_similarity": means.get("clip"),
             **({"l1": means["l1"]} if "l1" in means else {}),
+            **({"fid": scorer.fid_over_files(pairs, load_image)} if self.options["fid"] else {}),
             "images": len(self.items),
             "scored": len(pairs),
             "clip_model": self.options["clip_model"] or None,
@@ -112,7 +116,8 @@ class TextToImageTask(BenchmarkTask):
         l1 = (
             f"; L1 to the ground truth x100: {100 * scores['l1']:.1f}" if scores.get("l1") is not None else ""
         )
-        return head + f"\n{scores['scored']} of {scores['images']} images scored, {clip}{l1}.\n"
+        fid = f"; FID {scores['fid']:.2f}" if scores.get("fid") is not None else ""
+        return head + f"\n{scores['scored']} of {scores['images']} images scored, {clip}{l1}{fid}.\n"
 
 
 class CocoKarpathyTextToImage(TextToImageTask):
