@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install -c constraints.txt
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test lint demo eval-demon eval-generation world-towers fit-tiny clean
+.PHONY: install test lint demo ablations eval-demon eval-generation world-towers fit-tiny clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ lint: install
 # Running it again resumes where it stopped.
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning demo
+
+# The ablation rows of Tables 7-8 on the world: stages 1-3 of the method and of each built row, seeds 0 1 2
+# (runs/ablations/), each scored on the world's DEMON and editing splits; ablations_out/table.md. Running it
+# again resumes; ARGS passes options, e.g. ARGS="--rows method wo_deconfound --seeds 0".
+ablations: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m morph_lightning ablations $(ARGS)
 
 # DEMON (the paper's Table 3): `make eval-demon DEMON_DIR=DEMON-Core CKPT=stage3.ckpt [OUT=...]` scores a
 # model on the published benchmark; with neither set, the demo's stage-3 model on the world's own

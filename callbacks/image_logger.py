@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from morph_lightning.callbacks.tensorboard import tensorboard_writer
-from morph_lightning.generation import generate
+from morph_lightning.generation import generate, image_length
 from morph_lightning.modeling.model import GenerationOutput, MorphModel
 from morph_lightning.modeling.sequence import ImageRef, Sample
 from morph_lightning.stages import MorphStage, Stage1AR
@@ -152,7 +152,7 @@ class ImageLogger(Callback):
 
     def text_to_image(self, model: MorphModel, batch: dict[str, Any]) -> Tensor:
         """[P, 3, R, R]: one greedy image per prompt (a blank where the model drew none)."""
-        out = generate(model, [Sample(prompt=[p]) for p in self.prompts], **self._greedy())
+        out = generate(model, [Sample(prompt=[p]) for p in self.prompts], **self._greedy(model))
         return _answer_images(out, torch.zeros_like(batch["vqgan_pixels"][0]))
 
     def edits(self, model: MorphModel, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -164,12 +164,14 @@ class ImageLogger(Callback):
         if not picked:
             return None
         pixels = batch["vqgan_pixels"]
-        out = generate(
-            model, [Sample(prompt=s.prompt) for s in picked], batch["vision_pixels"], **self._greedy()
-        )
+        prompts = [Sample(prompt=s.prompt) for s in picked]
+        # The VQGAN pixels too: `pre_mllm: vqgan` reads prompt images as their codes.
+        out = generate(model, prompts, batch["vision_pixels"], vqgan_pixels=pixels, **self._greedy(model))
         inputs = pixels[[_refs(s.prompt, target=False)[-1] for s in picked]]
         targets = pixels[[_refs(s.answer, target=True)[0] for s in picked]]
         return inputs, _answer_images(out, torch.zeros_like(pixels[0])), targets
 
-    def _greedy(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": 0.0, "image_temperature": 0.0}
+    def _greedy(self, model: MorphModel) -> dict[str, Any]:
+        # Room for one whole image at least: with `post_mllm: vqgan` it is all of X's codes.
+        steps = max(self.max_new_tokens, image_length(model) + 2)
+        return {"max_new_tokens": steps, "temperature": 0.0, "image_temperature": 0.0}

@@ -10,11 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 
 from conftest import CONFIGS, fit_fixed_batch, tiny_model_config
 from morph_lightning import generation
+from morph_lightning.callbacks.image_logger import ImageLogger, eval_mode
 from morph_lightning.cli import main
 from morph_lightning.data_modules.toy import ToyDataModule
+from morph_lightning.evaluation.codebook import codebook_health
+from morph_lightning.evaluation.runner import EvalModule, _RequestDataset, image_transforms
+from morph_lightning.evaluation.task import Request
+from morph_lightning.export import export_model
 from morph_lightning.modeling.encoder_weights import load_encoder_weights, save_encoder_weights
 from morph_lightning.modeling.model import MorphModel
 from morph_lightning.modeling.qformer import Deconfounder, QFormerAttention
@@ -276,6 +282,145 @@ def test_detail_detail_reads_and_writes_vqgan_codes_only():
     assert losses["code_ce"] > 0 and torch.equal(losses["loss"], losses["ce"])
     scored = seq.labels[seq.labels != IGNORE]
     assert model.vocab.is_code(scored).sum() == 2 * model.vqgan.codes_per_image
+
+
+# ---- generation of the rows without a codebook or a decoder ------------------------------------------
+DRAWING_ROWS = ("continuous", "wo_decoder", "detail_detail")
+
+
+def _written_ids(monkeypatch) -> list[list[int]]:
+    """Every row's generated ids, one list per row per `generate` call, in call order."""
+    rows, render = [], generation._render
+    monkeypatch.setattr(generation, "_render", lambda m, ids: rows.append(list(ids)) or render(m, ids))
+    return rows
+
+
+def _image_token(model, ids: torch.Tensor) -> torch.Tensor:
+    """The ids the row writes inside an image: VQGAN codes, or morph ids (one placeholder if continuous)."""
+    return model.vocab.is_code(ids) if model.post_mllm == "vqgan" else model.vocab.is_morph(ids)
+
+
+@pytest.mark.parametrize("row", DRAWING_ROWS)
+def test_rows_draw_images_from_left_padded_prompts_the_same_with_and_without_a_cache(row, monkeypatch):
+    """Batch 1 and 3, prompts of different lengths (two with images): each row draws one image of exactly
+    the row's length (`codes_per_image` codes; |M| slots), the same greedy tokens and pixels with and
+    without the KV cache, and a prompt draws the same alone as beside longer ones."""
+    model = row_stage(row, 3).model.eval()
+    batch = _batch(False, n=3)
+    prompts = [
+        Sample(prompt=["a red"]),
+        Sample(prompt=[ImageRef(0), " a much longer prompt than the first"]),
+        Sample(prompt=["two:", ImageRef(1), ImageRef(2)]),
+    ]
+    n = generation.image_length(model)
+    assert n == (model.vqgan.codes_per_image if row != "continuous" else model.num_tokens)
+    ids = _written_ids(monkeypatch)
+    kw = {
+        "vision_pixels": batch["vision_pixels"],
+        "vqgan_pixels": batch["vqgan_pixels"],
+        "max_new_tokens": n + 2,
+        "start_image": True,
+        "temperature": 0.0,
+        "image_temperature": 0.0,
+    }
+    out = {cache: generation.generate(model, prompts, cache=cache, **kw) for cache in ("none", "dynamic")}
+    alone = generation.generate(model, prompts[:1], **kw)
+    size = model.config.vqgan.resolution
+    assert alone.pixels.shape == (1, 3, size, size) and out["dynamic"].pixels.shape == (3, 3, size, size)
+    assert out["dynamic"].images == out["none"].images == [[0], [1], [2]]
+    torch.testing.assert_close(out["none"].pixels, out["dynamic"].pixels)
+    torch.testing.assert_close(alone.pixels[0], out["dynamic"].pixels[0])
+    assert ids[:3] == ids[3:6] and ids[6] == ids[0]
+    v = model.vocab
+    for row_ids in ids:
+        inner = torch.tensor(row_ids[1:-1])
+        assert row_ids[0] == v.img_start and row_ids[-1] == v.img_end and len(inner) == n
+        assert bool(_image_token(model, inner).all())
+
+
+@pytest.mark.parametrize("row", DRAWING_ROWS)
+def test_rows_keep_image_tokens_out_of_text_and_other_tokens_out_of_images(row, monkeypatch):
+    """With every morph and code logit pushed far above the text's, and </img>'s above those, text mode
+    still writes none of them, and image mode writes only the row's own image tokens, then </img> after
+    exactly the row's length (these rows never close an image early)."""
+    model = row_stage(row, 3).model.eval()
+    v, head = model.vocab, model.llm.head
+    ids = torch.arange(v.size)
+    bias = 100.0 * (ids >= v.morph_offset) + 200.0 * (ids == v.img_end)
+    monkeypatch.setattr(model.llm, "head", lambda h: head(h) + bias.to(h.dtype))
+    written = _written_ids(monkeypatch)
+    n, extra = generation.image_length(model), 4
+    greedy = {"temperature": 0.0, "image_temperature": 0.0, "start_image": True}
+    generation.generate(
+        model, [Sample(prompt=["a"]), Sample(prompt=["a longer one"])], max_new_tokens=n + 2 + extra, **greedy
+    )
+    for row_ids in written:
+        t = torch.tensor(row_ids)
+        assert t[0] == v.img_start and bool(_image_token(model, t[1 : n + 1]).all()) and t[n + 1] == v.img_end
+        assert not bool((v.is_morph(t[n + 2 :]) | v.is_code(t[n + 2 :])).any())
+        assert len(t) == n + 2 + extra or t[-1] == model.llm.tokenizer.eos_token_id
+
+
+def test_continuous_feeds_back_the_regressed_vector_and_hands_the_decoder_the_emitting_states(monkeypatch):
+    """Each slot's input is `morph_in` of the vector regressed at the position before it, and M̂ is the
+    hidden states of the positions that emit the slots: as a teacher-forced pass over the same inputs."""
+    model = row_stage("continuous", 3).model.eval()
+    prefixes, draw = [], model.decoder.generate
+    monkeypatch.setattr(
+        model.decoder, "generate", lambda prefix, **kw: prefixes.append(prefix) or draw(prefix, **kw)
+    )
+    n = model.num_tokens
+    greedy = {"temperature": 0.0, "image_temperature": 0.0, "start_image": True}
+    generation.generate(model, [Sample(prompt=["a red"])], max_new_tokens=n + 2, **greedy)
+    # Teacher forcing: <bos> a red <img>, then each slot's input the vector regressed one position before.
+    batch, _ = generation.prompt_batch(model, [Sample(prompt=["a red"])], None)
+    inputs = model.llm.embed(torch.cat([batch.input_ids, torch.tensor([[model.vocab.img_start]])], 1))
+    with torch.no_grad():
+        for _ in range(n):
+            out = model.llm(inputs)
+            inputs = torch.cat([inputs, model.llm.morph_in(out.vectors[:, -1:])], 1)
+        out = model.llm(inputs)
+    torch.testing.assert_close(prefixes[0][0], out.hidden[0, -n - 1 : -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("row", ["wo_decoder", "detail_detail"])
+def test_the_runner_draws_image_requests_without_a_decoder(row, tmp_path):
+    """A text-to-image request, and an edit whose prompt image `detail_detail` reads as VQGAN codes."""
+    model = row_stage(row, 3).model.eval()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "in.png")
+    requests = [
+        Request("t2i", "USER: a red square ASSISTANT:", output="image"),
+        Request(
+            "edit", "USER: <image> Make it green. ASSISTANT:", [str(tmp_path / "in.png")], output="image"
+        ),
+    ]
+    loaded = _RequestDataset(requests, image_transforms(model))
+    preds = EvalModule(model, tmp_path / "images").predict_step([loaded[0], loaded[1]], 0)
+    size = model.config.vqgan.resolution
+    assert all(p.error is None and Image.open(p.image).size == (size, size) for p in preds)
+
+
+@pytest.mark.parametrize("row", DRAWING_ROWS)
+def test_image_logger_draws_every_row(row):
+    """Stage 3's grids: text-to-image and edits for each row, reconstructions where there is a decoder."""
+    stage = row_stage(row, 3)
+    logger = ImageLogger(num_images=2, prompts=["USER: a red square ASSISTANT: "], max_new_tokens=4)
+    with eval_mode(stage), torch.no_grad():
+        grids = logger.grids(stage, _batch(True, n=8))
+    expected = {"images/text_to_image", "images/edit"} | (
+        {"images/reconstruction"} if row == "continuous" else set()
+    )
+    assert set(grids) == expected
+
+
+def test_export_and_codebook_health_refuse_the_rows_without_a_codebook_in_one_line(tmp_path):
+    for row in DRAWING_ROWS:
+        model = row_stage(row, 3).model
+        with pytest.raises(ValueError, match="evaluate this row from its checkpoint"):
+            export_model(model, tmp_path / row)
+        assert not (tmp_path / row).exists()
+    with pytest.raises(ValueError, match="no morph codebook"):
+        codebook_health(row_stage("continuous", 3).model, _batch(False)["vision_pixels"])
 
 
 # ---- the fragments ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ TRAINING = {
 # Subcommands with their own argument parser, imported only when run: name -> (module, one line of help).
 SUBCOMMANDS = {
     "demo": ("morph_lightning.demo", "the whole method on the embedded world, on one CPU, with a report"),
+    "ablations": ("morph_lightning.ablations", "Tables 7-8's ablation rows on the world, per seed, tabled"),
     "generate": ("morph_lightning.generate", "answer prompts with a trained model: text and images"),
     "chat": ("morph_lightning.chat", "a multi-turn session in the terminal; image edits chain"),
     "evaluate": ("morph_lightning.evaluate", "score a trained model on a benchmark's items"),

@@ -56,6 +56,7 @@ class Step:
     config: str
     run_dir: Path
     tower: Path | None = None  # what a stage-0 step exports; the step is skipped when it exists
+    args: tuple[str, ...] = ()  # more CLI arguments (an ablation's fragment, run folder, init_from, seed)
 
 
 TOWER_STEPS = (
@@ -73,26 +74,26 @@ STEPS = TOWER_STEPS + (
 )
 
 
-def run_step(step: Step, max_steps: int | None) -> float | None:
+def run_step(step: Step, max_steps: int | None, tag: str = "demo") -> float | None:
     """Fit one step unless its tower or its marker exists; resume from its last checkpoint if one is
     there. Returns the seconds the step took, read back from its marker when it finished in an earlier
     run (None for a shipped tower, or a marker that holds no time, e.g. one made by hand)."""
     if step.tower is not None and step.tower.exists():
-        print(f"[demo] {step.name}: using the pretrained {step.tower}")
+        print(f"[{tag}] {step.name}: using the pretrained {step.tower}")
         return None
     done = step.run_dir / "DONE"
     if done.exists():
-        print(f"[demo] {step.name}: done before, skipped")
+        print(f"[{tag}] {step.name}: done before, skipped")
         try:
             return float(json.loads(done.read_text())["seconds"])
         except (ValueError, KeyError, TypeError):
             return None
-    args = ["fit", "--config", step.config]
+    args = ["fit", "--config", step.config, *step.args]
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max_steps)]
     last = step.run_dir / "last.ckpt"
     if last.exists():
-        print(f"[demo] {step.name}: resuming from {last}")
+        print(f"[{tag}] {step.name}: resuming from {last}")
         args += ["--ckpt_path", str(last)]
     start = time.perf_counter()
     cli_main(args)

@@ -21,6 +21,8 @@ def codebook_health(model: MorphModel, vision_pixels: Tensor, batch_size: int = 
     everything; the codebook size: all codes equally often)."""
     if len(vision_pixels) == 0:
         raise ValueError("codebook_health: no images")
+    if getattr(model.encoder, "quantizer", None) is None:
+        raise ValueError(f"codebook_health: pre_mllm: {model.pre_mllm} has no morph codebook to measure")
     device = next(model.parameters()).device
     ids = [
         model.encode_images(vision_pixels[i : i + batch_size].to(device)).ids.flatten()

@@ -35,7 +35,7 @@ from morph_lightning.evaluation.likelihood import continuation_logprobs
 from morph_lightning.evaluation.task import Prediction, Request, Task, read_predictions_jsonl
 from morph_lightning.evaluation.text_generation import generate_text
 from morph_lightning.evaluation.world_eval import to_uint8
-from morph_lightning.generation import generate
+from morph_lightning.generation import generate, image_length
 from morph_lightning.keep import aside_name, free_name
 from morph_lightning.modeling.model import MorphModel
 from morph_lightning.modeling.sequence import Sample, shift_refs
@@ -51,15 +51,25 @@ IMAGES = "images"  # generated images, one PNG per image request
 
 def image_transforms(model: MorphModel) -> ImageTransforms:
     """The model's own image preprocessing (the vision tower's size, mean and std)."""
-    vision = model.vision
-    return ImageTransforms(vision.image_size, model.config.vqgan.resolution, vision.mean, vision.std)
+    vision, size = model.vision, model.config.vqgan.resolution
+    if vision is None:  # `pre_mllm: vqgan` reads the VQGAN's pixels alone
+        return ImageTransforms(size, size)
+    return ImageTransforms(vision.image_size, size, vision.mean, vision.std)
 
 
 class LoadedRequest:
-    """One request with its images read for the vision tower, or the reason they could not be."""
+    """One request with its images read for the vision tower (and for the VQGAN, which `pre_mllm: vqgan`
+    reads them through), or the reason they could not be."""
 
-    def __init__(self, request: Request, pixels: list[torch.Tensor], error: str | None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        pixels: list[torch.Tensor],
+        error: str | None,
+        vqgan_pixels: list[torch.Tensor] | None = None,
+    ) -> None:
         self.request, self.pixels, self.error = request, pixels, error
+        self.vqgan_pixels = vqgan_pixels or []
 
 
 class _RequestDataset(Dataset):
@@ -76,7 +86,8 @@ class _RequestDataset(Dataset):
         except BadImage as bad:
             log.warning("%s: unreadable image (%s), scored as unanswered", request.id, bad)
             return LoadedRequest(request, [], f"unreadable image: {bad}")
-        return LoadedRequest(request, [self.transforms(img)[0] for img in images], None)
+        pairs = [self.transforms(img) for img in images]
+        return LoadedRequest(request, [v for v, _ in pairs], None, [x for _, x in pairs])
 
 
 class RequestDataModule(L.LightningDataModule):
@@ -107,13 +118,15 @@ def image_file(folder: Path, request_id: str) -> Path:
     return folder / f"{safe}.png"
 
 
-def _prompts(items: list[LoadedRequest]) -> tuple[list[Sample], torch.Tensor | None]:
-    """The requests' prompts as samples over one stack of all their images."""
-    prompts, pixels = [], []
+def _prompts(items: list[LoadedRequest]) -> tuple[list[Sample], torch.Tensor | None, torch.Tensor | None]:
+    """The requests' prompts as samples over one stack of all their images, for the vision tower and for
+    the VQGAN."""
+    prompts, pixels, vqgan = [], [], []
     for item in items:
         prompts.append(Sample(shift_refs(prompt_pieces(item.request.prompt), len(pixels))))
         pixels += item.pixels
-    return prompts, torch.stack(pixels) if pixels else None
+        vqgan += item.vqgan_pixels
+    return prompts, torch.stack(pixels) if pixels else None, torch.stack(vqgan) if vqgan else None
 
 
 class EvalModule(L.LightningModule):
@@ -146,7 +159,7 @@ class EvalModule(L.LightningModule):
         if draw:
             out |= self._draw(draw)
         for (max_new, min_new, beams, penalty), items in generate.items():
-            prompts, pixels = _prompts(items)
+            prompts, pixels, _ = _prompts(items)
             texts = generate_text(
                 self.model,
                 prompts,
@@ -164,12 +177,13 @@ class EvalModule(L.LightningModule):
     def _draw(self, items: list[LoadedRequest]) -> dict[str, Prediction]:
         if self.image_dir is None:
             raise ValueError("image requests need an image_dir to write their PNGs to")
-        prompts, pixels = _prompts(items)
-        steps = self.model.num_tokens + 2  # <img>, the morph tokens, </img>
+        prompts, pixels, vqgan_pixels = _prompts(items)
+        steps = image_length(self.model) + 2  # <img>, the image's tokens, </img>
         drawn = generate(
             self.model,
             prompts,
             pixels,
+            vqgan_pixels=vqgan_pixels,
             max_new_tokens=steps,
             start_image=True,
             temperature=0.0,

@@ -25,7 +25,8 @@ CACHES = ("none", "dynamic", "static")
 def compile_step(fn: Callable, device: torch.device) -> Callable:
     """`fn`, one decoding step, under `torch.compile`: CUDA graphs on CUDA ("reduce-overhead"), inductor's
     default elsewhere. A CUDA graph's outputs live in memory that its next replay overwrites, so on CUDA
-    each call starts a new graph step and returns copies of the outputs (`fn` returns tensors only)."""
+    each call starts a new graph step and returns copies of the outputs (`fn` returns tensors, or None in
+    place of one)."""
     if device.type != "cuda":
         return torch.compile(fn)
     fast = torch.compile(fn, mode="reduce-overhead")
@@ -33,7 +34,7 @@ def compile_step(fn: Callable, device: torch.device) -> Callable:
     def step(*args: object) -> object:
         torch.compiler.cudagraph_mark_step_begin()
         out = fast(*args)
-        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+        return tuple(None if t is None else t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
     return step
 
