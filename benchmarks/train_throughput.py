@@ -284,8 +284,8 @@ def full_stage_step(
     seen: list[SequenceBatch] = []
     build = stage.sequences
 
-    def recording(samples: list[Sample], enc) -> SequenceBatch:
-        seen.append(seq := build(samples, enc))
+    def recording(*args, **kwargs) -> SequenceBatch:
+        seen.append(seq := build(*args, **kwargs))
         return seq
 
     stage.sequences = recording  # counts the rows the stage builds itself
