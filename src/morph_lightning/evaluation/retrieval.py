@@ -168,13 +168,3 @@ def retrieval_similarity(
     )
     img, txt = trainer.predict(_Embedder(model), datamodule=data)
     return torch.cat(img) @ torch.cat(txt).T
-
-
-def flickr30k_retrieval(
-    model: nn.Module, annotation: str, image_root: str, batch_size: int = 64
-) -> dict[str, float]:
-    """Table 6 for a model (see `retrieval_similarity`): every test image and caption embedded, cosine
-    similarities, `recall_at_k`."""
-    images, captions, txt2img, img2txt = read_flickr30k_test(annotation)
-    paths = [os.path.join(image_root, p) for p in images]
-    return recall_at_k(retrieval_similarity(model, paths, captions, batch_size), txt2img, img2txt)
