@@ -400,6 +400,24 @@ def test_the_runner_draws_image_requests_without_a_decoder(row, tmp_path):
     assert all(p.error is None and Image.open(p.image).size == (size, size) for p in preds)
 
 
+def test_detail_detail_answers_and_ranks_with_prompt_images_read_as_vqgan_codes(tmp_path):
+    """DEMON's text answers and ranked choices for a row without a vision tower: the prompt's image
+    enters as its VQGAN codes, and the answer's likelihood depends on which image it is."""
+    model = row_stage("detail_detail", 3).model.eval()
+    for colour in ("red", "blue"):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{colour}.png")
+    prompt = "USER: <image> Which colour? ASSISTANT:"
+    requests = [Request("answer", prompt, [str(tmp_path / "red.png")], max_new_tokens=4)] + [
+        Request(f"rank-{c}", prompt, [str(tmp_path / f"{c}.png")], choices=["red", "blue"])
+        for c in ("red", "blue")
+    ]
+    loaded = _RequestDataset(requests, image_transforms(model))
+    answer, red, blue = EvalModule(model).predict_step([loaded[k] for k in range(3)], 0)
+    assert answer.error is None and isinstance(answer.text, str)
+    assert red.text in ("red", "blue") and len(red.choice_logprobs) == 2
+    assert red.choice_logprobs != blue.choice_logprobs
+
+
 @pytest.mark.parametrize("row", DRAWING_ROWS)
 def test_image_logger_draws_every_row(row):
     """Stage 3's grids: text-to-image and edits for each row, reconstructions where there is a decoder."""

@@ -34,11 +34,12 @@ def test_rows_train_evaluate_resume_and_table(tmp_path, monkeypatch, capsys):
     rows = table["rows"]
     assert list(rows) == list(ablations.ROWS)  # the tables' order, the method first
     assert rows["method"]["n"][ablations.EDIT_L1] == 1 and rows["abstr_abstr_vq"]["errors"] == {}
-    assert rows["abstr_abstr_vq"]["paper"] == {ablations.EDIT_L1: 23.9}
+    vq = {"MMD": 25.2, "VST": 20.4, "VRI": 13.2, "MMC": 19.8, "KGQA": 37.9, "TRQA": 32.7, "MMR": 46.1}
+    assert rows["abstr_abstr_vq"]["paper"] == {**vq, ablations.EDIT_L1: 23.9}
     assert rows["continuous"]["status"] == "not run" and rows["abstr_abstr_sd"]["status"] == "not built"
     assert set(rows["continuous"]["direction"].values()) == {"not measured"}
     md = Path("ablations_out/table.md").read_text()
-    assert "| 3 abstr-abstr (VQ) | run |" in md and "| 23.9 |" in md
+    assert "| 3 abstr-abstr (VQ) | run |" in md and " / 23.9 |" in md
     assert "- 3 abstr-abstr (VQ): VRI:" in md and "- 2 abstr-abstr (SD): not built" in md
 
 
@@ -60,7 +61,7 @@ def test_table_means_directions_and_missing_rows(tmp_path):
     assert round(row["std"][ablations.EDIT_L1], 4) == round(2**0.5, 4)
     assert row["errors"] == {"2": "evaluation: no"}
     assert row["direction"] == {
-        "VRI": "worse (no paper number)",  # 40 < 42
+        "VRI": "worse, as in the paper",  # 40 < 42, as 25.3 < 27.4
         ablations.EDIT_L1: "worse, as in the paper",  # 13 > 9, as 12.2 > 7.6
     }
     assert rows["continuous"]["direction"][ablations.EDIT_L1] == "not worse, the paper: worse"
@@ -68,8 +69,9 @@ def test_table_means_directions_and_missing_rows(tmp_path):
     assert rows["wo_decoder"]["status"] == "run" and rows["wo_decoder"]["mean"] == {}
     assert set(rows["wo_decoder"]["direction"].values()) == {"not measured"}
     assert rows["detail_detail"]["status"] == "not run"
+    assert rows["continuous"]["direction"]["VRI"] == "not worse, the paper: worse"  # 42 = 42; 26.1 < 27.4
     md = (tmp_path / "table.md").read_text()
-    assert "| 5 w/o deconfound | run | 40.0 ± 14.1 (n=2) | 13.0 ± 1.4 (n=2) | 12.2 |" in md
+    assert "| 5 w/o deconfound | run | 40.0 ± 14.1 (n=2) / 25.3 | 13.0 ± 1.4 (n=2) / 12.2 |" in md
     assert "- 4 w/o decoder: VRI: not measured; MagicBrush L1: not measured; seed 0 failed (training:" in md
     ablations.write_table({"method": results["method"]}, tmp_path, [0, 1])  # the earlier table is kept aside
     assert len(list(tmp_path.glob("table*.md"))) == 2

@@ -23,7 +23,7 @@ from morph_lightning import evaluate
 from morph_lightning.data_modules.world.writer import write_world
 from morph_lightning.demo import WORLD_DIR, WORLD_SIZE, Step, run_step
 from morph_lightning.evaluation.runner import write_atomic
-from morph_lightning.evaluation.tasks.demon import CATEGORIES
+from morph_lightning.evaluation.tasks.demon import CATEGORIES, TABLE7
 from morph_lightning.evaluation.tasks.editing import TABLE8, MagicBrushEdit
 from morph_lightning.evaluation.world_generation import write_generation_splits
 
@@ -45,9 +45,14 @@ BUILT = [row for row in ROWS if row not in NOT_BUILT]
 EDIT_L1 = "MagicBrush L1"  # Table 8's MagicBrush column, x100, lower is better
 DEMON_DIR = WORLD_DIR / "demon"
 GENERATION_DIR = WORLD_DIR / "generation"
-# Table 8's numbers are recorded in tasks/editing.py; Table 7's (DEMON) are not in the codebase, so
-# the DEMON columns have no paper number beside them.
-PAPER = {row: {EDIT_L1: TABLE8[label][MagicBrushEdit.ABLATION_AT]} for row, label in ROWS.items()}
+# The paper's numbers per row: Table 7's DEMON categories (tasks/demon.py) and Table 8's MagicBrush L1.
+PAPER = {
+    row: {
+        **dict(zip(CATEGORIES, TABLE7[label], strict=True)),
+        EDIT_L1: TABLE8[label][MagicBrushEdit.ABLATION_AT],
+    }
+    for row, label in ROWS.items()
+}
 
 
 def stages(row: str, seed: int) -> list[Step]:
@@ -131,34 +136,34 @@ def verdict(row: dict[str, Any], method: dict[str, Any], metric: str) -> str:
         return "not measured"
     sign = 1 if lower_is_better(metric) else -1
     worse = sign * (row["mean"][metric] - method["mean"][metric]) > 0
-    ours, theirs = row["paper"].get(metric), method["paper"].get(metric)
-    if ours is None or theirs is None:
-        return ("worse" if worse else "not worse") + " (no paper number)"
-    paper_worse = sign * (ours - theirs) > 0
+    paper_worse = sign * (row["paper"][metric] - method["paper"][metric]) > 0
     if worse == paper_worse:
         return ("worse" if worse else "not worse") + ", as in the paper"
     return ("worse" if worse else "not worse") + f", the paper: {'worse' if paper_worse else 'not worse'}"
 
 
 def _cell(entry: dict[str, Any], metric: str) -> str:
-    if metric not in entry["mean"]:
-        return "-"
-    return f"{entry['mean'][metric]:.1f} ± {entry['std'][metric]:.1f} (n={entry['n'][metric]})"
+    """The world's mean ± std (n), then the paper's number."""
+    world = "-"
+    if metric in entry["mean"]:
+        world = f"{entry['mean'][metric]:.1f} ± {entry['std'][metric]:.1f} (n={entry['n'][metric]})"
+    paper = entry["paper"].get(metric)
+    return world if paper is None else f"{world} / {paper:.1f}"
 
 
 def markdown(summary: dict[str, Any], seeds: list[int]) -> str:
     metrics, rows = summary["metrics"], summary["rows"]
     arrows = [f"{m} {'↓' if lower_is_better(m) else '↑'}" for m in metrics]
-    head = ["Row", "status", *arrows, f"paper {EDIT_L1} ↓"]
+    head = ["Row", "status", *arrows]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in rows.values():
-        paper = entry["paper"].get(EDIT_L1)
-        cells = [entry["label"], entry["status"], *(_cell(entry, m) for m in metrics), f"{paper:.1f}"]
+        cells = [entry["label"], entry["status"], *(_cell(entry, m) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
     text = f"# Ablations on the world (Tables 7-8), seeds {' '.join(map(str, seeds))}\n\n"
-    text += "Mean ± std over the seeds that finished (n). DEMON: the world's DEMON-layout split, category "
-    text += f"means x100 (Table 7's columns that the split has). {EDIT_L1}: all-turn, x100 (Table 8). "
-    text += "Table 7's paper numbers are not recorded here; Table 8's are.\n\n" + "\n".join(lines) + "\n\n"
+    text += "Each cell: the world's mean ± std over the seeds that finished (n) / the paper's number. DEMON: "
+    text += "the world's DEMON-layout split, category means x100 (Table 7's columns that the split has). "
+    text += f"{EDIT_L1}: all-turn, x100 (Table 8). The world's scale is not the paper's: compare directions, "
+    text += "not values.\n\n" + "\n".join(lines) + "\n\n"
     text += "Direction against the world's morph-tokens (per metric):\n\n"
     for row, entry in rows.items():
         if row == METHOD:

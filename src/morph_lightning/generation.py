@@ -45,6 +45,22 @@ def _allowed_mask(model: MorphModel, in_image: torch.Tensor, count: torch.Tensor
     return torch.where((in_image & full).unsqueeze(1), only_close, allowed)
 
 
+def read_images(
+    model: MorphModel, pixels: torch.Tensor | None
+) -> tuple[EncoderOutput | None, torch.Tensor | None, torch.Tensor | None]:
+    """Images [N, 3, S, S] as the model reads them -> (the encoder's output, its morph ids, VQGAN codes X).
+    With an encoder, `pixels` are normalised for the vision tower and X is None; with `pre_mllm: vqgan`
+    they are in [-1, 1] for the VQGAN, and the first two are None. No images: empty ids or codes."""
+    device = model.llm.new_head.weight.device
+    if pixels is None or not len(pixels):
+        empty = torch.zeros(0, model.num_tokens, dtype=torch.long)
+        return (None, None, empty) if model.encoder is None else (None, empty, None)
+    if model.encoder is None:
+        return None, None, model.vqgan_codes(pixels.to(device))
+    enc = model.encode_images(pixels.to(device))
+    return enc, enc.ids, None
+
+
 def prompt_batch(
     model: MorphModel,
     prompts: list[Sample],
@@ -54,24 +70,12 @@ def prompt_batch(
     """The prompts as left-padded rows (each row's next token at the last position), on the model's
     device, and the encoder's output for their images (None without images, or without an encoder:
     `pre_mllm: vqgan` reads the images as their VQGAN codes, from `vqgan_pixels` in [-1, 1])."""
-    device = model.llm.new_head.weight.device
-    if model.encoder is None:
-        if vqgan_pixels is None and vision_pixels is not None and len(vision_pixels):
-            raise ValueError("pre_mllm: vqgan reads prompt images as VQGAN codes: pass vqgan_pixels")
-        if vqgan_pixels is not None and len(vqgan_pixels):
-            x = model.vqgan_codes(vqgan_pixels.to(device))
-        else:
-            x = torch.zeros(0, model.num_tokens, dtype=torch.long)
-        tok = model.llm.tokenizer
-        batch = build_sequences(prompts, None, model.vocab, tok, pad_left=True, add_eos=False, vqgan_codes=x)
-        return batch.to(device), None
-    if vision_pixels is not None and len(vision_pixels):
-        enc = model.encode_images(vision_pixels.to(device))
-        codes = enc.ids
-    else:
-        enc, codes = None, torch.zeros(0, model.num_tokens, dtype=torch.long)
-    batch = build_sequences(prompts, codes, model.vocab, model.llm.tokenizer, pad_left=True, add_eos=False)
-    return batch.to(device), enc
+    if model.encoder is None and vqgan_pixels is None and vision_pixels is not None and len(vision_pixels):
+        raise ValueError("pre_mllm: vqgan reads prompt images as VQGAN codes: pass vqgan_pixels")
+    enc, ids, x = read_images(model, vqgan_pixels if model.encoder is None else vision_pixels)
+    tok = model.llm.tokenizer
+    batch = build_sequences(prompts, ids, model.vocab, tok, pad_left=True, add_eos=False, vqgan_codes=x)
+    return batch.to(model.llm.new_head.weight.device), enc
 
 
 @torch.no_grad()

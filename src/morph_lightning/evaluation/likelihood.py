@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from morph_lightning.generation import read_images
 from morph_lightning.modeling.model import MorphModel
 from morph_lightning.modeling.sequence import IGNORE, Sample, build_sequences, shift_refs
 
@@ -29,22 +30,21 @@ def continuation_logprobs(
     max_text_tokens: int = 512,
     add_eos: bool = False,
 ) -> list[Continuation]:
-    """Each row's text answer scored after its prompt, with its images [3, S, S] normalised for the
-    vision tower (ImageRefs index the row's own images). The morph tokens are the encoder's, as in
-    training; `add_eos` also scores the end of the answer."""
+    """Each row's text answer scored after its prompt, with its images [3, S, S] as the model reads them
+    (ImageRefs index the row's own images): normalised for the vision tower, or in [-1, 1] for the VQGAN
+    where the LLM reads VQGAN codes (`pre_mllm: vqgan`). The tokens are the encoder's (or the VQGAN's),
+    as in training; `add_eos` also scores the end of the answer."""
     param = next(model.parameters())
+    tok = model.llm.tokenizer
     out: list[Continuation] = []
     for start in range(0, len(rows), batch_size):
-        samples, vision = [], []
-        for sample, images in rows[start : start + batch_size]:
-            base = len(vision)
+        samples, images = [], []
+        for sample, own in rows[start : start + batch_size]:
+            base = len(images)
             samples.append(Sample(shift_refs(sample.prompt, base), shift_refs(sample.answer, base)))
-            vision += images
-        enc = model.encode_images(torch.stack(vision).to(param.device)) if vision else None
-        codes = enc.ids if enc is not None else torch.zeros(0, model.num_tokens, dtype=torch.long)
-        seq = build_sequences(
-            samples, codes, model.vocab, model.llm.tokenizer, max_text_tokens, add_eos=add_eos
-        )
+            images += own
+        enc, ids, x = read_images(model, torch.stack(images) if images else None)
+        seq = build_sequences(samples, ids, model.vocab, tok, max_text_tokens, add_eos=add_eos, vqgan_codes=x)
         seq = seq.to(param.device)
         logits = model.run_llm(seq, enc).logits.float()
         scored = seq.labels != IGNORE

@@ -159,11 +159,12 @@ class EvalModule(L.LightningModule):
         if draw:
             out |= self._draw(draw)
         for (max_new, min_new, beams, penalty), items in generate.items():
-            prompts, pixels, _ = _prompts(items)
+            prompts, pixels, vqgan_pixels = _prompts(items)
             texts = generate_text(
                 self.model,
                 prompts,
                 pixels,
+                vqgan_pixels=vqgan_pixels,
                 max_new_tokens=max_new,
                 min_new_tokens=min_new,
                 num_beams=beams,
@@ -200,7 +201,9 @@ class EvalModule(L.LightningModule):
         r = item.request
         prompt = prompt_pieces(r.prompt)
         # A choice follows "ASSISTANT:" after a space, as training renders answers (`build_record`).
-        rows = [(Sample(prompt, [" " + choice.lstrip()]), item.pixels) for choice in r.choices]
+        # The images as the model reads them: through the vision tower, or as VQGAN codes (`pre_mllm: vqgan`).
+        images = item.pixels if self.model.encoder is not None else item.vqgan_pixels
+        rows = [(Sample(prompt, [" " + choice.lstrip()]), images) for choice in r.choices]
         scored = continuation_logprobs(self.model, rows, batch_size=len(rows))
         best = max(range(len(scored)), key=lambda k: scored[k].logprob)
         return Prediction(

@@ -25,10 +25,12 @@ def generate_text(
     min_new_tokens: int = 0,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    vqgan_pixels: torch.Tensor | None = None,
 ) -> list[str]:
-    """Continue each prompt (ImageRefs index `vision_pixels`) with text; returns the new text only."""
+    """Continue each prompt (ImageRefs index `vision_pixels`, and `vqgan_pixels` where the LLM reads
+    VQGAN codes: `generation.prompt_batch`) with text; returns the new text only."""
     tok, hf = model.llm.tokenizer, model.llm.hf
-    batch, enc = prompt_batch(model, prompts, vision_pixels)
+    batch, enc = prompt_batch(model, prompts, vision_pixels, vqgan_pixels)
     embeds = model.llm.embed(batch.input_ids, model.morph_vectors(batch, enc))
     rows = hf.get_output_embeddings().weight.shape[0]
     out = hf.generate(

@@ -55,7 +55,7 @@ from morph_lightning.evaluation.perceptual import LPIPSDistance, load_lpips
 from morph_lightning.evaluation.tasks.world_text import text_metrics
 from morph_lightning.evaluation.tasks.world_text import train_answers as read_train_answers
 from morph_lightning.evaluation.world_metrics import edit_scores, pixel_l1
-from morph_lightning.generation import generate
+from morph_lightning.generation import generate, image_length
 from morph_lightning.modeling.model import MorphModel
 from morph_lightning.modeling.sequence import ImageRef, Piece, Sample, shift_refs
 
@@ -446,7 +446,7 @@ def evaluate_world(
     )
     settings = _Settings(
         max_new_tokens=max_new_tokens,
-        image_tokens=model.num_tokens + 2 + image_slack,
+        image_tokens=image_length(model) + 2 + image_slack,
         batch_size=batch_size,
         image_temperature=image_temperature,
         generator=torch.Generator(device=next(model.parameters()).device).manual_seed(seed),

@@ -123,6 +123,16 @@ PAPER_ROWS = {
     "Morph-Tokens (paper)": (32.2, 27.4, 27.4, 28.0, 56.4, 47.7, 54.9),
     "VPG-C (paper)": (37.5, 25.2, 25.9, 22.2, 48.6, 44.9, 50.3),
 }
+# Table 7 (ablations, category means x100), in CATEGORIES' order: MMD, VST, VRI, MMC, KGQA, TRQA, MMR.
+TABLE7: dict[str, tuple[float, ...]] = {
+    "Morph-token": (32.2, 27.4, 27.4, 28.0, 56.4, 47.7, 54.9),
+    "1 detail-detail": (7.3, 8.6, 8.2, 16.6, 30.2, 24.8, 34.8),
+    "2 abstr-abstr (SD)": (25.8, 17.3, 11.3, 22.7, 38.8, 33.5, 45.0),
+    "3 abstr-abstr (VQ)": (25.2, 20.4, 13.2, 19.8, 37.9, 32.7, 46.1),
+    "4 w/o decoder": (20.9, 16.4, 12.8, 18.0, 35.6, 30.4, 41.3),
+    "5 w/o deconfound": (31.8, 25.7, 25.3, 26.2, 54.7, 44.8, 50.9),
+    "6 continuous": (31.7, 26.3, 26.1, 27.0, 54.3, 45.2, 52.5),
+}
 # The official scorer's image-choice list, its wrong VisualCloze name included, and the intended one.
 OFFICIAL_IMAGE_CHOICE = ("recipeqa-RecipeQA_VisualCloze", "RecipeQA_ImageCoherence", "COMICS_Panel")
 IMAGE_CHOICE = ("recipeqa_visualcloze", "recipeqa_imagecoherence", "comics_panel")
