@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full-batches", type=int, default=3, help="batches of the full stage rows; 0: none")
     parser.add_argument("--fused", action="store_true", help="(b): AdamW(fused=True), same groups")
     parser.add_argument("--compile", action="store_true", help="(b): torch.compile each decoder layer")
+    parser.add_argument(
+        "--attn", help="both: transformers' attn_implementation (flash_attention_2: varlen for packed rows)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     preset = parser.parse_known_args(argv)[0].preset
     if preset:  # the preset's shape, explicit flags still win
@@ -152,6 +155,7 @@ def morph_config(args: argparse.Namespace, tokenizer_dir: str) -> dict:
         },
         "dtype": args.dtype,
         "train_base": False,
+        "attn_implementation": args.attn,
         **LORA,
     }
     tiny = {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 16}
@@ -193,7 +197,9 @@ def build_hf(args: argparse.Namespace, vocab: MorphVocab) -> nn.Module:
         max_position_embeddings=4096,
     )
     with torch.device(args.device):  # a 7B model is built where it runs
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, args.dtype), attn_implementation=args.attn
+        )
     new = list(range(vocab.text_size, vocab.size))  # <img>, </img>, <Emp>, the morph tokens
     lora = LoraConfig(
         r=LORA["lora_r"],
@@ -345,8 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     def morph_step(i: int) -> None:
         seq = morph_batches[i]
         with autocast():
-            out = stage.model.run_llm(seq, enc)
-            loss = stage.token_losses(out.logits, seq.labels)["ce"]
+            out = stage.model.run_llm(seq, enc, with_loss=True)
+            loss = stage.token_losses(out.token_ce, seq.labels)["ce"]
         optimizer_step(loss, opt, sched)
 
     results: dict[str, dict] = {}

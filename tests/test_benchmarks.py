@@ -32,3 +32,11 @@ def test_generation_benchmark_gets_the_same_images_with_and_without_the_caches(c
     lines = capsys.readouterr().out.strip().splitlines()
     assert "images/s" in lines[2] and "tokens/s" in lines[-4] and lines[-4].split()[2] == "static"
     assert re.fullmatch(r"generation speed-up vs recompute: \d+\.\d\dx", lines[-1])
+
+
+def test_loss_memory_benchmark_gets_the_same_loss_chunked(capsys):
+    args = ["--device", "cpu", "--hidden", "128", "--tokens", "64", "--chunks", "16"]
+    results = _load("loss_memory").main(args)  # raises if a chunked loss differs from the whole one
+    assert set(results) == {"memory ratio", "time ratio"}
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"loss memory, chunked \(16\) vs whole: \d+\.\d\dx less, \d+\.\d\dx the time", last)

@@ -102,7 +102,10 @@ def test_sharded_stage2_saves_resumes_and_matches_one_process(tmp_path, monkeypa
 
     # the sharded run keeps its step-3 checkpoint; a second one resumes from it with the same schedule
     first, resumed = tmp_path / "sharded", tmp_path / "resumed"
-    _sharded(first, [*_stage2_args(stage1, 4, STEPS + MORE_STEPS), f"--trainer.callbacks+={SAVE_AT_STEP}"])
+    # Sharded with the chunked loss (llm.loss_chunk; the resumed run takes it from the checkpoint's
+    # hyperparameters): its head runs inside the sharded LLM's forward and again in backward.
+    chunked = ["--model.init_args.model.llm.loss_chunk", "5", f"--trainer.callbacks+={SAVE_AT_STEP}"]
+    _sharded(first, [*_stage2_args(stage1, 4, STEPS + MORE_STEPS), *chunked])
     checkpoint = first / f"steps/step={STEPS}.ckpt"
     assert checkpoint.is_file()  # one file assembled on rank 0 (save_distributed_checkpoint: false)
     _sharded(resumed, [*_stage2_args(stage1, 4, STEPS + MORE_STEPS), "--ckpt_path", str(checkpoint)])

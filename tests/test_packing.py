@@ -17,9 +17,14 @@ def _samples() -> list[Sample]:
     ]
 
 
-@pytest.fixture
-def model(tiny_cfg) -> MorphModel:
-    return MorphModel(tiny_cfg).eval()
+@pytest.fixture(params=["sdpa", "eager"])
+def model(tiny_cfg, request) -> MorphModel:
+    """Each attention kernel reads packed rows' boundaries from `position_ids` (flash_attention_2 needs a
+    GPU and the flash-attn package)."""
+    cfg = {**tiny_cfg, "llm": {**tiny_cfg["llm"], "attn_implementation": request.param}}
+    model = MorphModel(cfg).eval()
+    assert model.llm.hf.config._attn_implementation == request.param
+    return model
 
 
 def _build(model: MorphModel, pack_length: int | None):

@@ -53,8 +53,8 @@ def test_stage2_decoder_loss_reaches_lora_and_encoder_through_mhat(tiny_cfg, pos
 
 
 def test_stage2_ties_no_loss_between_mhat_and_m(tiny_cfg, monkeypatch):
-    """With the paper's weights nothing asks the LLM to reproduce M where M̂ is read: the logits at the
-    positions that emit the image's morph tokens get no gradient. `morph_ar_weight` > 0 (the knob for
+    """With the paper's weights nothing asks the LLM to reproduce M where M̂ is read: the cross-entropy at
+    the positions that emit the image's morph tokens gets no gradient. `morph_ar_weight` > 0 (the knob for
     studying it) adds that tie."""
     batch = _batch(False)
     for weight, expect_grad in [(0.0, False), (1.0, True)]:
@@ -63,16 +63,16 @@ def test_stage2_ties_no_loss_between_mhat_and_m(tiny_cfg, monkeypatch):
         seen = {}
         real = stage.token_losses
 
-        def spy(logits, labels, real=real, seen=seen):
-            logits.retain_grad()
-            seen.update(logits=logits, labels=labels)
-            return real(logits, labels)
+        def spy(token_ce, labels, real=real, seen=seen):
+            token_ce.retain_grad()
+            seen.update(token_ce=token_ce, labels=labels)
+            return real(token_ce, labels)
 
         monkeypatch.setattr(stage, "token_losses", spy)
         stage.losses(batch)["loss"].backward()
         at_morph = stage.model.vocab.is_morph(seen["labels"])
         assert at_morph.sum() == 6 * stage.model.num_tokens  # one target image per caption
-        assert bool(seen["logits"].grad[at_morph].abs().sum() > 0) is expect_grad
+        assert bool(seen["token_ce"].grad[at_morph].abs().sum() > 0) is expect_grad
 
 
 def test_stage3_morph_ce_reaches_the_loss_and_the_new_head_rows(tiny_cfg):

@@ -67,6 +67,7 @@ def shard_morph_model(
     fully_shard(model.llm, mesh=mesh, mp_policy=policy)
     # Methods that read a root's own weights without going through its forward.
     register_fsdp_forward_method(model.llm, "embed")
+    register_fsdp_forward_method(model.llm, "head")  # M̂'s logits when a chunked loss kept none
     if decoder is not None:
         fully_shard(decoder, mesh=mesh, mp_policy=policy)
         register_fsdp_forward_method(decoder, "generate")

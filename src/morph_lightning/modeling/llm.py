@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -21,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from morph_lightning.modeling.sequence import IGNORE
 from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer
 from morph_lightning.modeling.tokens import MorphVocab, extend_tokenizer
 
@@ -28,9 +31,10 @@ from morph_lightning.modeling.tokens import MorphVocab, extend_tokenizer
 @dataclass
 class LLMOutput:
     hidden: torch.Tensor  # [B, T, H] last (normed) hidden states
-    logits: torch.Tensor  # [B, T, vocab.size]
+    logits: torch.Tensor | None  # [B, T, vocab.size]; None when a chunked loss never held them whole
     past_key_values: object | None = None
     vectors: torch.Tensor | None = None  # [B, T, code_dim] the next continuous morph token, regressed
+    token_ce: torch.Tensor | None = None  # [B, T] cross-entropy against the labels given (0 where ignored)
 
 
 class MorphLLM(nn.Module):
@@ -50,19 +54,36 @@ class MorphLLM(nn.Module):
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
         train_base: bool = False,
+        attn_implementation: str | None = None,
+        loss_chunk: int | None = None,
     ) -> None:
         """`num_morph_tokens`, `code_dim`: the morph vocabulary and the width of its codebook vectors.
         `num_code_tokens`: VQGAN codes as tokens of the LLM's own (0: none). `continuous`: the morph
         tokens are continuous vectors, each image slot one placeholder id whose vector `morph_out`
-        regresses (the 'continuous' ablation)."""
+        regresses (the 'continuous' ablation). `attn_implementation`: transformers' attention kernels
+        (None: its default, SDPA). Packed rows give their sample boundaries by `position_ids` alone:
+        SDPA and eager attention turn them into a block-diagonal mask over the row, and
+        `flash_attention_2` (the flash-attn package, on a GPU) into variable-length kernels that skip
+        the masked blocks. `loss_chunk`: with labels, the head and its cross-entropy run this many
+        labelled positions at a time, each chunk's logits recomputed in backward rather than kept, so
+        the [tokens, vocab] logits never exist whole (None: all at once, the logits returned)."""
+        if loss_chunk is not None and loss_chunk < 1:
+            raise ValueError(
+                f"llm.loss_chunk must be a positive number of positions or null, got {loss_chunk}"
+            )
+        self.loss_chunk = loss_chunk
         super().__init__()
         torch_dtype = getattr(torch, dtype) if dtype else None
         if config is not None:  # a fresh random model, e.g. {"model_type": "llama", "hidden_size": 64, ...}
             config = dict(config)
             hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
-            self.hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
+            self.hf = AutoModelForCausalLM.from_config(
+                hf_config, dtype=torch_dtype, attn_implementation=attn_implementation
+            )
         elif name_or_path is not None:
-            self.hf = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+            self.hf = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=torch_dtype, attn_implementation=attn_implementation
+            )
         else:
             raise ValueError("llm: give `name_or_path` (HF path or hub id) or `config` (a random model)")
         tok_source = tokenizer or (name_or_path if config is None else None)
@@ -148,7 +169,10 @@ class MorphLLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: object | None = None,
         use_cache: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> LLMOutput:
+        """The hidden states and logits of `inputs_embeds`; with `labels` [B, T] (IGNORE where none) also
+        each position's cross-entropy, and with `loss_chunk` that alone, the logits left out."""
         out = self.stack(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -159,6 +183,35 @@ class MorphLLM(nn.Module):
         hidden = out.last_hidden_state
         # Inside forward, so that a sharded LLM has its weights gathered for it.
         vectors = None if self.morph_out is None else self.morph_out(hidden.to(self.morph_out.weight.dtype))
-        return LLMOutput(
-            hidden=hidden, logits=self.head(hidden), past_key_values=out.past_key_values, vectors=vectors
-        )
+        logits = self.head(hidden) if labels is None or self.loss_chunk is None else None
+        token_ce = None
+        if labels is not None:
+            token_ce = self._token_ce(hidden, labels) if logits is None else _ce(logits, labels)
+        return LLMOutput(hidden, logits, out.past_key_values, vectors, token_ce)
+
+    def _token_ce(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy [B, T] at the labelled positions, `loss_chunk` of them at a time, each chunk's
+        logits recomputed in backward (torch.utils.checkpoint) instead of saved for it."""
+        at = (labels != IGNORE).flatten().nonzero().squeeze(1)
+        h, y = hidden.flatten(0, 1)[at], labels.flatten()[at]
+        chunks = [
+            checkpoint(
+                self._chunk_ce, h[i : i + self.loss_chunk], y[i : i + self.loss_chunk], use_reentrant=False
+            )
+            for i in range(0, len(at), self.loss_chunk)
+        ]
+        ce = torch.zeros(labels.numel(), device=hidden.device, dtype=torch.float32)
+        if chunks:
+            ce = ce.index_put((at,), torch.cat(chunks))
+        return ce.view_as(labels)
+
+    def _chunk_ce(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _ce(self.head(hidden), labels)
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per position in float32, 0 where the label is IGNORE; `labels` any shape."""
+    flat = F.cross_entropy(
+        logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none"
+    )
+    return flat.view_as(labels)

@@ -119,10 +119,13 @@ class MorphModel(nn.Module):
         flat = enc.z_q.reshape(-1, enc.z_q.shape[-1])
         return flat[batch.image_slot.clamp(min=0)] * is_slot.unsqueeze(-1)
 
-    def run_llm(self, batch: SequenceBatch, enc: EncoderOutput | None) -> LLMOutput:
+    def run_llm(self, batch: SequenceBatch, enc: EncoderOutput | None, with_loss: bool = False) -> LLMOutput:
+        """The LLM over `batch`; `with_loss` adds each position's cross-entropy against its labels (and
+        with `llm.loss_chunk` leaves the logits out)."""
         embeds = self.llm.embed(batch.input_ids, self.morph_vectors(batch, enc))
         mask = None if batch.packed else batch.attention_mask  # packed: boundaries come from position_ids
-        return self.llm(embeds, attention_mask=mask, position_ids=batch.position_ids)
+        labels = batch.labels if with_loss else None
+        return self.llm(embeds, attention_mask=mask, position_ids=batch.position_ids, labels=labels)
 
     def post_mllm_tokens(
         self, out: LLMOutput, targets: list[tuple[int, int, int]], enc: EncoderOutput | None = None
@@ -141,7 +144,11 @@ class MorphModel(nn.Module):
         # 'codes': the released inference path (ids -> codebook vectors), made differentiable with a
         # straight-through Gumbel-softmax over the morph logits.
         off = self.vocab.morph_offset
-        logits = torch.stack([out.logits[b, p : p + n, off:] for b, p, _ in targets])
+        if out.logits is None:  # a chunked loss kept no logits: the head again, at these positions only
+            hidden = torch.stack([out.hidden[b, p : p + n] for b, p, _ in targets])
+            logits = self.llm.head(hidden)[..., off:]
+        else:
+            logits = torch.stack([out.logits[b, p : p + n, off:] for b, p, _ in targets])
         one_hot = F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True)
         return one_hot @ self.encoder.quantizer.codebook
 

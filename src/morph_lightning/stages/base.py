@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from morph_lightning.generation import generate
 from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_section, section_of
@@ -158,13 +157,11 @@ class MorphStage(L.LightningModule):
         )
         return seq.to(self.device)
 
-    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cross-entropy over the labelled positions, split into text, morph and VQGAN-code terms for
-        logging. A continuous image slot's placeholder id is no target: `lm_losses` adds its MSE."""
-        ce = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none"
-        )
-        labels = labels.flatten()
+    def token_losses(self, token_ce: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The cross-entropy of each position [B, T] (`LLMOutput.token_ce`) averaged over the labelled
+        ones, split into text, morph and VQGAN-code terms for logging. A continuous image slot's
+        placeholder id is no target: `lm_losses` adds its MSE."""
+        ce, labels = token_ce.flatten(), labels.flatten()
         labelled = labels != IGNORE
         vocab, continuous = self.model.vocab, self.model.pre_mllm == "continuous"
         morph = vocab.is_morph(labels) & labelled
@@ -181,7 +178,7 @@ class MorphStage(L.LightningModule):
         self, out: LLMOutput, seq: SequenceBatch, enc: EncoderOutput | None
     ) -> dict[str, torch.Tensor]:
         """`token_losses`, and for continuous morph tokens the MSE of the next one in place of their CE."""
-        tok = self.token_losses(out.logits, seq.labels)
+        tok = self.token_losses(out.token_ce, seq.labels)
         if self.model.pre_mllm == "continuous":
             tok["morph_mse"] = self.model.next_token_mse(out, seq, enc)
         return tok
@@ -206,7 +203,7 @@ class MorphStage(L.LightningModule):
         h = self.hparams
         enc = self.encode(batch)
         seq = self.sequences(samples, enc, batch)
-        out = self.model.run_llm(seq, enc)
+        out = self.model.run_llm(seq, enc, with_loss=True)
         tok = self.lm_losses(out, seq, enc)
         terms = {"text_ce": tok["text_ce"]}
         if self.model.decoder is None:

@@ -30,7 +30,7 @@ class Stage1AR(MorphStage):
             for i, (cap, first) in enumerate(zip(batch["captions"], image_first.tolist(), strict=True))
         ]
         seq = self.sequences(samples, enc, batch)
-        out = self.model.run_llm(seq, enc)
+        out = self.model.run_llm(seq, enc, with_loss=True)
         tok = self.lm_losses(out, seq, enc)
         quant = self.quant_terms(enc)
         loss = tok["ce"] + tok.get("morph_mse", 0.0) + self.hparams.quant_weight * quant.get("quant", 0.0)
