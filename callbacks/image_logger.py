@@ -57,7 +57,7 @@ def _answer_images(out: GenerationOutput, blank: Tensor) -> Tensor:
 
 def draw(model: MorphModel, mhat: Tensor) -> Tensor:
     """M̂ [K, 32, D] -> images [K, 3, R, R] in [-1, 1]: the decoder's greedy codes, through the VQGAN."""
-    codes = model.decoder.generate(mhat.to(model.decoder_dtype), temperature=0.0)
+    codes = model.decoder.generate(model.decoder_input(mhat).to(model.decoder_dtype), temperature=0.0)
     return model.vqgan.decode_codes(codes).clamp(-1, 1)
 
 

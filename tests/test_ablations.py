@@ -26,8 +26,9 @@ from morph_lightning.modeling.model import MorphModel
 from morph_lightning.modeling.qformer import Deconfounder, QFormerAttention
 from morph_lightning.modeling.sequence import IGNORE, ImageRef, Sample
 from morph_lightning.stages import Stage1AR, Stage2AutoEncode, Stage3Instruct
+from morph_lightning.stages.conditional_generator import ConditionalGenerator
 
-ROWS = ("wo_deconfound", "abstr_abstr_vq", "continuous", "wo_decoder", "detail_detail")
+ROWS = ("wo_deconfound", "abstr_abstr_sd", "abstr_abstr_vq", "continuous", "wo_decoder", "detail_detail")
 STAGES = {1: (Stage1AR, False), 2: (Stage2AutoEncode, False), 3: (Stage3Instruct, True)}
 
 
@@ -46,7 +47,9 @@ def fragment(row: str, world: bool = False) -> dict:
 def row_stage(row: str, stage: int, **model_overrides):
     """The row's stage at tiny size: the fragment's model options over the tiny model, its stage options."""
     init = fragment(row)
-    model = _merge(tiny_model_config(), {**init.get("model", {}), **model_overrides})
+    # abstr-abstr (SD): a random generator of the tiny decoder's size in place of the stage-0 export
+    own = {k: v for k, v in init.get("model", {}).items() if k != "generator_checkpoint"}
+    model = _merge(tiny_model_config(), {**own, **model_overrides})
     kwargs = {k: v for k, v in init.items() if k != "model"}
     return STAGES[stage][0](model=model, **kwargs)
 
@@ -62,6 +65,7 @@ def _grad(module: torch.nn.Module) -> float:
 # ---- every row: builds, trains, logs its own terms ---------------------------------------------------
 TERMS = {  # the terms each row's stage 2 logs beside `loss` and `text_ce`
     "wo_deconfound": {"decoder_ce", "morph_ce", "quant", "perplexity", "code_usage"},
+    "abstr_abstr_sd": {"embed_mse", "morph_ce", "quant", "perplexity", "code_usage"},
     "abstr_abstr_vq": {"decoder_ce", "morph_ce", "quant", "perplexity", "code_usage"},
     "continuous": {"decoder_ce", "morph_mse"},
     "wo_decoder": {"code_ce", "morph_ce", "quant", "perplexity", "code_usage"},
@@ -69,6 +73,7 @@ TERMS = {  # the terms each row's stage 2 logs beside `loss` and `text_ce`
 }
 FALLING = {1: "ce", 2: "text_ce", 3: "text_ce"}  # besides `loss`, in every row
 IMAGE_TERM = {"continuous": "decoder_ce", "wo_decoder": "code_ce", "detail_detail": "code_ce"}
+IMAGE_TERM |= {"abstr_abstr_sd": "embed_mse"}
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -88,6 +93,7 @@ def test_impossible_combinations_stop_in_one_line(tiny_cfg):
         ({"pre_mllm": "continuous", "post_mllm": "tied"}, "post_mllm: tied reads morph codebook vectors"),
         ({"pre_mllm": "continuous", "post_mllm": "codes"}, "post_mllm: codes reads morph codebook vectors"),
         ({"pre_mllm": "vqgan", "post_mllm": "vqgan", "encoder_init": "seed.pt"}, "encoder_init: pre_mllm"),
+        ({"pre_mllm": "continuous", "post_mllm": "embedding"}, "post_mllm: embedding regresses"),
     ]
     for overrides, message in cases:
         with pytest.raises(ValueError, match=message) as err:
@@ -159,6 +165,59 @@ def test_abstr_abstr_morph_ce_teaches_the_llm_to_emit_m():
     quantizer = {**tiny_model_config()["quantizer"], "dead_code_threshold": 0.0}  # M stays put
     history = fit_fixed_batch(row_stage("abstr_abstr_vq", 2, quantizer=quantizer), _batch(False), steps=12)
     assert history[0]["morph_ce"] > 0 and history[-1]["morph_ce"] < 0.7 * history[0]["morph_ce"]
+
+
+def test_abstr_abstr_sd_regresses_the_towers_embedding_for_a_frozen_generator(monkeypatch):
+    """M̂ (the states at the target's morph positions) becomes one condition vector, trained by MSE to
+    the frozen image tower's embedding of the target image. The generator is frozen, gets no gradient
+    and stays out of checkpoints; the condition head and the LLM learn."""
+    stage = row_stage("abstr_abstr_sd", 2).eval()  # eval: the same forward twice
+    model, batch = stage.model, _batch(False)
+    assert model.decoder.config.n_prefix == 1 and model.decoder.config.prefix_dim == model.vision.out_dim
+    assert not any(p.requires_grad for p in model.decoder.parameters())
+    assert {f"decoder.{n}" for n, _ in model.decoder.named_parameters()} <= stage._frozen_keys()
+    seen, embed = [], model.image_embedding
+    monkeypatch.setattr(model, "image_embedding", lambda pixels: seen.append(pixels) or embed(pixels))
+    losses = stage.losses(batch)
+    (targets,) = seen  # stage 2: every caption's image is a target once
+    torch.testing.assert_close(targets, batch["vision_pixels"])
+    # the same M̂ from the <Y, M> rows alone (each sample attends to itself only, packed or not)
+    samples = [Sample(prompt=[c], answer=[ImageRef(i, target=True)]) for i, c in enumerate(batch["captions"])]
+    enc = stage.encode(batch)
+    seq = stage.sequences(samples, enc, batch)
+    with torch.no_grad():
+        mhat = model.post_mllm_tokens(model.run_llm(seq, enc), seq.targets)
+        expected = F.mse_loss(
+            model.decoder_input(mhat).squeeze(1), model.vision.embed(batch["vision_pixels"])
+        )
+    torch.testing.assert_close(losses["embed_mse"], expected, rtol=1e-4, atol=1e-6)
+    losses["loss"].backward()
+    assert _grad(model.condition_head) > 0 and _grad(model.llm) > 0
+    assert all(p.grad is None for p in model.decoder.parameters())
+
+
+def test_the_conditional_generator_trains_exports_and_loads_into_the_row(tmp_path):
+    """Stage 0 of abstr-abstr (SD) learns X from the embedding and exports the weights that the row's
+    model loads, frozen; weights of another size stop in one line."""
+    cfg = tiny_model_config()
+    path = tmp_path / "generator.safetensors"
+    gen = ConditionalGenerator(cfg["vision"], cfg["vqgan"], cfg["decoder"], export_path=str(path))
+    batch = _batch(False)
+    history = fit_fixed_batch(gen, batch, steps=15)
+    assert history[-1]["loss"] < 0.9 * history[0]["loss"]
+    gen.trainer = type("T", (), {"is_global_zero": True})()
+    gen.on_train_end()
+    model = MorphModel({**cfg, "post_mllm": "embedding", "generator_checkpoint": str(path)})
+    for name, weight in gen.generator.state_dict().items():
+        torch.testing.assert_close(model.decoder.state_dict()[name], weight, msg=name)
+    wider = {**cfg["decoder"], "n_embd": 2 * cfg["decoder"]["n_embd"]}
+    with pytest.raises(ValueError, match="does not fit the decoder section") as err:
+        MorphModel({**cfg, "decoder": wider, "post_mllm": "embedding", "generator_checkpoint": str(path)})
+    assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="none.safetensors not found"):
+        MorphModel(
+            {**cfg, "post_mllm": "embedding", "generator_checkpoint": str(tmp_path / "none.safetensors")}
+        )
 
 
 def test_abstr_abstr_generates_from_the_ids_the_llm_emits(monkeypatch):
@@ -418,7 +477,27 @@ def test_detail_detail_answers_and_ranks_with_prompt_images_read_as_vqgan_codes(
     assert red.choice_logprobs != blue.choice_logprobs
 
 
-@pytest.mark.parametrize("row", DRAWING_ROWS)
+def test_abstr_abstr_sd_draws_from_the_condition_regressed_from_the_emitting_states(monkeypatch):
+    """The frozen generator gets one condition vector per image, the condition head's map of the states
+    that emitted its morph tokens; left-padded prompts draw the same with and without the KV cache."""
+    model = row_stage("abstr_abstr_sd", 3).model.eval()
+    prefixes, draw = [], model.decoder.generate
+    monkeypatch.setattr(
+        model.decoder, "generate", lambda prefix, **kw: prefixes.append(prefix) or draw(prefix, **kw)
+    )
+    prompts = [Sample(prompt=["a red"]), Sample(prompt=["a much longer prompt than the first"])]
+    greedy = {"temperature": 0.0, "image_temperature": 0.0, "start_image": True}
+    out = {
+        cache: generation.generate(model, prompts, max_new_tokens=model.num_tokens + 2, cache=cache, **greedy)
+        for cache in ("none", "dynamic")
+    }
+    assert out["dynamic"].images == out["none"].images == [[0], [1]]
+    torch.testing.assert_close(out["none"].pixels, out["dynamic"].pixels)
+    assert prefixes[0].shape == (2, 1, model.vision.out_dim)
+    torch.testing.assert_close(prefixes[0], prefixes[1])
+
+
+@pytest.mark.parametrize("row", [*DRAWING_ROWS, "abstr_abstr_sd"])
 def test_image_logger_draws_every_row(row):
     """Stage 3's grids: text-to-image and edits for each row, reconstructions where there is a decoder."""
     stage = row_stage(row, 3)
@@ -426,13 +505,13 @@ def test_image_logger_draws_every_row(row):
     with eval_mode(stage), torch.no_grad():
         grids = logger.grids(stage, _batch(True, n=8))
     expected = {"images/text_to_image", "images/edit"} | (
-        {"images/reconstruction"} if row == "continuous" else set()
+        {"images/reconstruction"} if row in ("continuous", "abstr_abstr_sd") else set()
     )
     assert set(grids) == expected
 
 
 def test_export_and_codebook_health_refuse_the_rows_without_a_codebook_in_one_line(tmp_path):
-    for row in DRAWING_ROWS:
+    for row in (*DRAWING_ROWS, "abstr_abstr_sd"):
         model = row_stage(row, 3).model
         with pytest.raises(ValueError, match="evaluate this row from its checkpoint"):
             export_model(model, tmp_path / row)
@@ -462,3 +541,26 @@ def test_each_fragment_parses_over_each_stage(row, world, capsys, tmp_path, monk
         assert exc.value.code in (0, None), err
         init = yaml.safe_load(out)["model"]["init_args"]
         assert _merge(init, fragment(row, world)) == init, (row, stage)
+
+
+@pytest.mark.parametrize("world", [False, True])
+def test_the_generator_config_shares_the_rows_towers_decoder_and_path(world, capsys, tmp_path, monkeypatch):
+    """`[world/]stage0_generator.yaml` parses; its towers and decoder sizes are the row's (so its export
+    fits the row's frozen generator), and it exports where the row's fragment reads."""
+    monkeypatch.chdir(tmp_path)
+    scale = "world/" if world else ""
+    parsed = {}
+    for name, args in {
+        "generator": ["--config", f"{scale}stage0_generator.yaml"],
+        "row": ["--config", f"{scale}stage2.yaml", "--config", f"{scale}ablations/abstr_abstr_sd.yaml"],
+    }.items():
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", *args, "--print_config"])
+        out, err = capsys.readouterr()
+        assert exc.value.code in (0, None), err
+        parsed[name] = yaml.safe_load(out)["model"]["init_args"]
+    generator, row = parsed["generator"], parsed["row"]["model"]
+    for section in ("vision", "vqgan", "decoder"):  # the row's sections also list the defaults
+        assert {k: row[section][k] for k in generator[section]} == generator[section], section
+    assert generator["vqgan_checkpoint"] == row["vqgan_checkpoint"]
+    assert generator["export_path"] == row["generator_checkpoint"]

@@ -12,35 +12,38 @@ SMALL_WORLD |= {"num_val_instruct": 40, "num_demon": 2, "num_demon_train": 2}
 
 
 def test_rows_train_evaluate_resume_and_table(tmp_path, monkeypatch, capsys):
+    """The method and abstr-abstr (SD), whose own stage 0 (the conditional generator) runs first."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ablations, "WORLD_SIZE", SMALL_WORLD)
     Path("towers").symlink_to(TOWERS)
-    argv = ["--rows", "method", "abstr_abstr_vq", "--seeds", "0", "--max-steps", "2", "--eval-limit", "2"]
+    argv = ["--rows", "method", "abstr_abstr_sd", "--seeds", "0", "--max-steps", "2", "--eval-limit", "2"]
     ablations.main(argv)
-    for row in ("method", "abstr_abstr_vq"):
+    assert Path("runs/ablations/abstr_abstr_sd/generator.safetensors").is_file()
+    for row in ("method", "abstr_abstr_sd"):
         for n in (1, 2, 3):
             assert json.loads(Path(f"runs/ablations/{row}/seed0/stage{n}/DONE").read_text())["seconds"] > 0
         assert Path(f"ablations_out/{row}/seed0/demon/scores.json").exists()
         assert Path(f"ablations_out/{row}/seed0/edit/scores.json").exists()
     out = capsys.readouterr().out
-    assert "[ablations] row abstr_abstr_vq seed 0 stage3:" in out
+    assert "[ablations] row abstr_abstr_sd seed 0 generator:" in out
+    assert "[ablations] row abstr_abstr_sd seed 0 stage3:" in out
 
     ablations.main(argv)  # all done: nothing trains again
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == 6 and "resuming" not in out
+    assert out.count("done before, skipped") == 7 and "resuming" not in out
 
     table = json.loads(Path("ablations_out/table.json").read_text())
     assert table["seeds"] == [0] and table["metrics"][-1] == ablations.EDIT_L1
     rows = table["rows"]
     assert list(rows) == list(ablations.ROWS)  # the tables' order, the method first
-    assert rows["method"]["n"][ablations.EDIT_L1] == 1 and rows["abstr_abstr_vq"]["errors"] == {}
-    vq = {"MMD": 25.2, "VST": 20.4, "VRI": 13.2, "MMC": 19.8, "KGQA": 37.9, "TRQA": 32.7, "MMR": 46.1}
-    assert rows["abstr_abstr_vq"]["paper"] == {**vq, ablations.EDIT_L1: 23.9}
-    assert rows["continuous"]["status"] == "not run" and rows["abstr_abstr_sd"]["status"] == "not built"
+    assert rows["method"]["n"][ablations.EDIT_L1] == 1 and rows["abstr_abstr_sd"]["errors"] == {}
+    sd = {"MMD": 25.8, "VST": 17.3, "VRI": 11.3, "MMC": 22.7, "KGQA": 38.8, "TRQA": 33.5, "MMR": 45.0}
+    assert rows["abstr_abstr_sd"]["paper"] == {**sd, ablations.EDIT_L1: 27.8}
+    assert rows["continuous"]["status"] == "not run" == rows["abstr_abstr_vq"]["status"]
     assert set(rows["continuous"]["direction"].values()) == {"not measured"}
     md = Path("ablations_out/table.md").read_text()
-    assert "| 3 abstr-abstr (VQ) | run |" in md and " / 23.9 |" in md
-    assert "- 3 abstr-abstr (VQ): VRI:" in md and "- 2 abstr-abstr (SD): not built" in md
+    assert "| 2 abstr-abstr (SD) | run |" in md and " / 27.8 |" in md
+    assert "- 2 abstr-abstr (SD): VRI:" in md and "- 3 abstr-abstr (VQ): not run" in md
 
 
 def _run(l1: float, vri: float) -> dict:

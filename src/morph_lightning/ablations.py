@@ -29,8 +29,8 @@ from morph_lightning.evaluation.world_generation import write_generation_splits
 
 RUNS = Path("runs/ablations")
 METHOD = "method"
-# Row name -> its label in Tables 7-8, in the tables' order (the method first). A row without a fragment
-# here other than the method is not built, and shows in the table as such.
+# Row name -> its label in Tables 7-8, in the tables' order (the method first, without a fragment; every
+# other row is configs/world/ablations/<row>.yaml).
 ROWS = {
     METHOD: "Morph-token",
     "detail_detail": "1 detail-detail",
@@ -40,8 +40,12 @@ ROWS = {
     "wo_deconfound": "5 w/o deconfound",
     "continuous": "6 continuous",
 }
-NOT_BUILT = {"abstr_abstr_sd"}
-BUILT = [row for row in ROWS if row not in NOT_BUILT]
+# A row's own stage-0 model, trained once for all its seeds (its fragment reads what the step exports).
+STAGE0 = {
+    "abstr_abstr_sd": Step(
+        "abstr_abstr_sd/generator", "world/stage0_generator.yaml", RUNS / "abstr_abstr_sd" / "generator"
+    )
+}
 EDIT_L1 = "MagicBrush L1"  # Table 8's MagicBrush column, x100, lower is better
 DEMON_DIR = WORLD_DIR / "demon"
 GENERATION_DIR = WORLD_DIR / "generation"
@@ -56,7 +60,8 @@ PAPER = {
 
 
 def stages(row: str, seed: int) -> list[Step]:
-    """Stages 1-3 of one row and seed, each from the row's previous stage (stage 1 from the towers)."""
+    """The row's own stage 0 if it has one, then stages 1-3 of one seed, each from the row's previous
+    stage (stage 1 from the towers)."""
     fragment = () if row == METHOD else ("--config", f"world/ablations/{row}.yaml")
     steps: list[Step] = []
     for n in (1, 2, 3):
@@ -65,7 +70,7 @@ def stages(row: str, seed: int) -> list[Step]:
         if steps:
             args += ["--model.init_args.init_from", str(steps[-1].run_dir / "last.ckpt")]
         steps.append(Step(f"{row}/seed{seed}/stage{n}", f"world/stage{n}.yaml", run_dir, args=tuple(args)))
-    return steps
+    return [STAGE0[row], *steps] if row in STAGE0 else steps
 
 
 def reason(err: BaseException) -> str:
@@ -117,7 +122,7 @@ def summarise(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
         values = {m: [r["scores"][m] for r in seeds.values() if m in r.get("scores", {})] for m in metrics}
         rows[row] = {
             "label": label,
-            "status": "not built" if row in NOT_BUILT else "run" if seeds else "not run",
+            "status": "run" if seeds else "not run",
             "mean": {m: statistics.fmean(v) for m, v in values.items() if v},
             "std": {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in values.items() if v},
             "n": {m: len(v) for m, v in values.items()},
@@ -185,7 +190,9 @@ def write_table(results: dict[str, dict[int, dict[str, Any]]], out: Path, seeds:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m morph_lightning ablations", description=__doc__)
-    parser.add_argument("--rows", nargs="+", choices=BUILT, default=BUILT, help="`method`: no fragment")
+    parser.add_argument(
+        "--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="`method`: no fragment"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=None, help="cap every stage (a quick look)")
     parser.add_argument("--eval-limit", type=int, default=200, help="items per DEMON dataset; edit sessions")

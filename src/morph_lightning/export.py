@@ -63,10 +63,11 @@ def export_model(
     `base_model` (a hub id or path) names the base LLM where it will be found instead of where it is
     now: in `adapter/adapter_config.json`, and in morph_config.json for a base that is not copied."""
     model = _as_model(source)
-    if model.pre_mllm != "morph" or model.post_mllm == "vqgan":
+    if model.pre_mllm != "morph" or model.post_mllm in ("vqgan", "embedding"):
         raise ValueError(
-            f"export: the format holds a morph codebook and a decoder, which pre_mllm: {model.pre_mllm}, "
-            f"post_mllm: {model.post_mllm} lacks: evaluate this row from its checkpoint (--checkpoint)"
+            f"export: the format holds a morph codebook and a decoder of M̂, which pre_mllm: "
+            f"{model.pre_mllm}, post_mllm: {model.post_mllm} lacks: evaluate this row from its checkpoint "
+            "(--checkpoint)"
         )
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):

@@ -157,9 +157,9 @@ def generate(
             if is_image[b]:
                 if writes_codes:
                     image_rows[b].append(nxt[b] - v.code_offset)
-                else:  # `hidden` (continuous slots too) or a codebook vector (`codes`, `tied`)
+                else:  # the emitting state (`hidden`, `embedding`, continuous slots) or a codebook vector
                     image_rows[b].append(
-                        hidden[b] if model.post_mllm == "hidden" else codebook[t - v.morph_offset]
+                        codebook[t - v.morph_offset] if model.post_mllm in ("codes", "tied") else hidden[b]
                     )
             elif t == v.img_end:
                 got = image_rows[b]
@@ -201,7 +201,7 @@ def generate(
             x = drawn
         else:
             x = model.decoder.generate(
-                drawn.to(model.decoder_dtype),
+                model.decoder_input(drawn).to(model.decoder_dtype),
                 temperature=image_temperature,
                 top_k=image_top_k,
                 generator=generator,

@@ -68,6 +68,8 @@ def shard_morph_model(
     # Methods that read a root's own weights without going through its forward.
     register_fsdp_forward_method(model.llm, "embed")
     register_fsdp_forward_method(model.llm, "head")  # M̂'s logits when a chunked loss kept none
+    if model.condition_head is not None:  # abstr-abstr (SD): trained, outside the other roots
+        fully_shard(model.condition_head, mesh=mesh, mp_policy=policy)
     if decoder is not None:
         fully_shard(decoder, mesh=mesh, mp_policy=policy)
         register_fsdp_forward_method(decoder, "generate")

@@ -167,7 +167,7 @@ class ImageScorer:
         prepare = ImageTransforms(tower.image_size, tower.image_size, tower.mean, tower.std).vision
 
         def embed(images: list[Image.Image]) -> torch.Tensor:
-            return tower(torch.stack([prepare(image) for image in images]).to(self.device)).mean(1)
+            return tower.embed(torch.stack([prepare(image) for image in images]).to(self.device))
 
         return embed
 

@@ -8,10 +8,12 @@ no loss ties to M: stage 2 trains M̂ only through the decoder's reconstruction 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_section
@@ -37,6 +39,11 @@ def check_tokens(pre_mllm: str, post_mllm: str, encoder_init: str | None) -> Non
         raise ValueError(
             f"model.post_mllm: {post_mllm} feeds the decoder morph tokens M̂, and pre_mllm: vqgan has none "
             "(detail-detail is pre_mllm: vqgan with post_mllm: vqgan)"
+        )
+    if pre_mllm != "morph" and post_mllm == "embedding":
+        raise ValueError(
+            f"model.post_mllm: embedding regresses the image tower's embedding from the states at discrete "
+            f"morph tokens; pre_mllm: {pre_mllm} has none (abstr-abstr (SD) is pre_mllm: morph)"
         )
     if pre_mllm == "continuous" and post_mllm in ("codes", "tied"):
         raise ValueError(
@@ -76,7 +83,13 @@ class MorphModel(nn.Module):
         )
         # With post_mllm: vqgan the LLM writes X itself and the VQGAN decodes it: there is no decoder.
         self.decoder = None
-        if c.post_mllm != "vqgan":
+        self.condition_head = None
+        if c.post_mllm == "embedding":
+            # abstr-abstr (SD): a separately trained generator, frozen, draws X from one condition vector,
+            # the image tower's embedding; M̂ is mapped to it (`decoder_input`) and trained by MSE.
+            self.decoder = load_generator(c, self.vision.out_dim, self.vqgan)
+            self.condition_head = nn.Linear(self.llm.hidden_size, self.vision.out_dim)
+        elif c.post_mllm != "vqgan":
             prefix_dim = self.llm.hidden_size if c.post_mllm == "hidden" else self.encoder.code_dim
             self.decoder = MorphDecoder(
                 **kwargs_of(c.decoder),
@@ -89,6 +102,8 @@ class MorphModel(nn.Module):
     def train(self, mode: bool = True) -> MorphModel:
         super().train(mode)
         self.vqgan.eval()  # frozen towers never leave eval mode
+        if self.post_mllm == "embedding":
+            self.decoder.eval()  # the frozen generator
         return self
 
     @property
@@ -127,12 +142,25 @@ class MorphModel(nn.Module):
         labels = batch.labels if with_loss else None
         return self.llm(embeds, attention_mask=mask, position_ids=batch.position_ids, labels=labels)
 
+    @torch.no_grad()
+    def image_embedding(self, vision_pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen image tower's embedding of each image [N, D]: what the generator of
+        `post_mllm: embedding` is conditioned on, and what M̂ regresses there."""
+        return self.vision.embed(vision_pixels)
+
+    def decoder_input(self, mhat: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads for M̂ [K, 32, H]: M̂ itself, or with `post_mllm: embedding` the
+        condition embedding regressed from it [K, 1, D] (the mean of its rows, mapped linearly)."""
+        if self.condition_head is None:
+            return mhat
+        return self.condition_head(mhat.mean(1).to(self.condition_head.weight.dtype)).unsqueeze(1)
+
     def post_mllm_tokens(
         self, out: LLMOutput, targets: list[tuple[int, int, int]], enc: EncoderOutput | None = None
     ) -> torch.Tensor:
         """M̂ [K, 32, D] of each target image: read at the positions that emit its morph tokens."""
         n = self.num_tokens
-        if self.post_mllm == "hidden":
+        if self.post_mllm in ("hidden", "embedding"):
             return torch.stack([out.hidden[b, p : p + n] for b, p, _ in targets])
         if self.post_mllm == "tied":
             # abstr-abstr (VQ): M̂ is M, the target image's own morph tokens (their straight-through z_q,
@@ -172,7 +200,7 @@ class MorphModel(nn.Module):
 
     def emp_vector(self) -> torch.Tensor:
         """What fills M̂ when the LLM closes an image early (<Emp>, Section 3.4)."""
-        if self.post_mllm == "hidden":
+        if self.post_mllm in ("hidden", "embedding"):
             return self.llm.emp_embedding
         return torch.zeros(self.encoder.code_dim, device=self.llm.emp_embedding.device)
 
@@ -183,3 +211,30 @@ class MorphModel(nn.Module):
             return mhat[:n]
         pad = self.emp_vector().to(mhat.dtype).expand(n - mhat.shape[0], -1)
         return torch.cat([mhat, pad])
+
+
+def load_generator(c: MorphModelConfig, condition_dim: int, vqgan: VQGAN) -> MorphDecoder:
+    """The frozen conditional generator of `post_mllm: embedding`: a decoder over X with one prefix
+    vector, sized by the `decoder` section, its weights from `generator_checkpoint` (random without)."""
+    generator = MorphDecoder(
+        **kwargs_of(c.decoder),
+        vocab_size=vqgan.codebook.shape[0],
+        n_codes=vqgan.codes_per_image,
+        n_prefix=1,
+        prefix_dim=condition_dim,
+    )
+    if c.generator_checkpoint:
+        if not Path(c.generator_checkpoint).is_file():
+            raise FileNotFoundError(
+                f"model.generator_checkpoint: {c.generator_checkpoint} not found (the stage-0 conditional "
+                "generator writes it: configs/world/stage0_generator.yaml)"
+            )
+        try:
+            generator.load_state_dict(load_file(c.generator_checkpoint))
+        except RuntimeError as err:
+            reason = " ".join(str(err).split())  # one line
+            raise ValueError(
+                f"model.generator_checkpoint: {c.generator_checkpoint} does not fit the decoder section: "
+                f"{reason}"
+            ) from None
+    return generator.requires_grad_(False).eval()

@@ -241,6 +241,11 @@ class VisionBackbone(nn.Module):
         return x.squeeze(0) if unbatched else x
 
     # ------------------------------------------------------------------ forward
+    def embed(self, pixels: Tensor) -> Tensor:
+        """One embedding per image [B, out_dim]: the mean of its tokens (a CLIP-style image embedding; the
+        world's image tower was trained contrastively on exactly this mean)."""
+        return self(pixels).mean(1)
+
     def forward(self, pixels: Tensor) -> Tensor:
         """``pixels`` (already normalised, ``[B,3,S,S]``) -> tokens ``[B, num_tokens, out_dim]``."""
         param = next(self.model.parameters(), None)

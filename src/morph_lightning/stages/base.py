@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from morph_lightning.generation import generate
 from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_section, section_of
@@ -193,6 +194,16 @@ class MorphStage(L.LightningModule):
         index = torch.tensor([i for _, _, i in seq.targets], device=self.device)
         return self.model.decoder_loss(mhat, self.vqgan_codes(batch, index))
 
+    def embedding_term(self, seq: SequenceBatch, out: LLMOutput, batch: dict[str, Any]) -> torch.Tensor:
+        """abstr-abstr (SD): the MSE of the condition embedding regressed from each target image's M̂
+        against the frozen image tower's embedding of that image, which its generator was trained on."""
+        if not seq.targets:
+            return torch.zeros((), device=self.device)
+        mhat = self.model.post_mllm_tokens(out, seq.targets)
+        index = torch.tensor([i for _, _, i in seq.targets], device=self.device)
+        target = self.model.image_embedding(batch["vision_pixels"][index])
+        return F.mse_loss(self.model.decoder_input(mhat).squeeze(1).float(), target.float())
+
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -208,6 +219,8 @@ class MorphStage(L.LightningModule):
         terms = {"text_ce": tok["text_ce"]}
         if self.model.decoder is None:
             terms["code_ce"] = tok["code_ce"]
+        elif self.model.post_mllm == "embedding":
+            terms["embed_mse"] = self.embedding_term(seq, out, batch)
         else:
             terms["decoder_ce"] = self.decoder_term(seq, out, batch, enc)
         terms.update({k: tok[k] for k in ("morph_ce", "morph_mse") if k in tok})
@@ -216,6 +229,7 @@ class MorphStage(L.LightningModule):
             "text_ce": 1.0,
             "decoder_ce": h.decoder_weight,
             "code_ce": h.decoder_weight,
+            "embed_mse": h.decoder_weight,
             "morph_ce": h.morph_ar_weight,
             "morph_mse": h.morph_ar_weight,
             "quant": h.quant_weight,

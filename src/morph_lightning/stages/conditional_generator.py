@@ -1,0 +1,103 @@
+"""Stage 0 for abstr-abstr (SD): an image generator conditioned on the frozen image tower's embedding.
+
+SEED-LLaMA, which the ablation follows, aligns its post-MLLM tokens to the condition embedding of an
+unCLIP Stable Diffusion: a generator trained apart from the MLLM that draws an image from one CLIP image
+embedding. The world has no such generator, so this trains one: a decoder-only transformer over the
+VQGAN codes X (the architecture of the method's decoder, `decoder` section) whose one prefix vector is
+the image tower's embedding of the image (`VisionBackbone.embed`). Its weights are exported as a
+safetensors state dict, which `model.generator_checkpoint` loads, frozen, for `post_mllm: embedding`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from morph_lightning.modeling.config import (
+    DecoderSection,
+    VisionSection,
+    VQGANSection,
+    kwargs_of,
+    parse_section,
+)
+from morph_lightning.modeling.decoder import MorphDecoder
+from morph_lightning.modeling.vision import VisionBackbone
+from morph_lightning.modeling.vqgan import VQGAN
+from morph_lightning.stages.schedule import warmup_cosine
+
+
+class ConditionalGenerator(L.LightningModule):
+    def __init__(
+        self,
+        vision: dict[str, Any],
+        vqgan: dict[str, Any],
+        decoder: dict[str, Any],
+        vqgan_checkpoint: str | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        export_path: str | None = None,
+    ) -> None:
+        """`vision`, `vqgan`, `vqgan_checkpoint`, `decoder`: the sections of the stage configs that will
+        load this generator (the towers frozen as there; `decoder` gives the generator's sizes). The loss
+        is the CE on X given the embedding. `export_path`: where the weights go when training ends."""
+        super().__init__()
+        sections = {
+            "vision": parse_section(VisionSection, vision, "model.init_args.vision"),
+            "vqgan": parse_section(VQGANSection, vqgan, "model.init_args.vqgan"),
+            "decoder": parse_section(DecoderSection, decoder, "model.init_args.decoder"),
+        }
+        self.save_hyperparameters(ignore=list(sections))
+        # plain dicts, so the checkpoint loads with weights_only
+        self.hparams.update({name: kwargs_of(section) for name, section in sections.items()})
+        self.vision = VisionBackbone(**kwargs_of(sections["vision"]))
+        self.vqgan = VQGAN.frozen(vqgan_checkpoint, **kwargs_of(sections["vqgan"]))
+        self.generator = MorphDecoder(
+            **kwargs_of(sections["decoder"]),
+            vocab_size=self.vqgan.codebook.shape[0],
+            n_codes=self.vqgan.codes_per_image,
+            n_prefix=1,
+            prefix_dim=self.vision.out_dim,
+        )
+
+    def train(self, mode: bool = True) -> ConditionalGenerator:
+        super().train(mode)
+        self.vqgan.eval()  # frozen towers never leave eval mode
+        return self
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        condition = self.vision.embed(batch["vision_pixels"]).unsqueeze(1)
+        return {"loss": self.generator.loss(condition, self.vqgan.encode_to_codes(batch["vqgan_pixels"]))}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self.losses(batch)
+        bs = len(batch["vision_pixels"])
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["vision_pixels"]))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return warmup_cosine(torch.optim.AdamW(groups, lr=h.lr), self.trainer, h.warmup_steps, h.min_lr_ratio)
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_path and self.trainer.is_global_zero:
+            path = Path(self.hparams.export_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({k: v.contiguous() for k, v in self.generator.state_dict().items()}, str(tmp))
+            tmp.replace(path)
