@@ -13,8 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -28,10 +26,10 @@ from morph_lightning.modeling.config import (
 from morph_lightning.modeling.decoder import MorphDecoder
 from morph_lightning.modeling.vision import VisionBackbone
 from morph_lightning.modeling.vqgan import VQGAN
-from morph_lightning.stages.schedule import warmup_cosine
+from morph_lightning.stages.pretrain_base import PretrainOverTowers
 
 
-class ConditionalGenerator(L.LightningModule):
+class ConditionalGenerator(PretrainOverTowers):
     def __init__(
         self,
         vision: dict[str, Any],
@@ -66,33 +64,9 @@ class ConditionalGenerator(L.LightningModule):
             prefix_dim=self.vision.out_dim,
         )
 
-    def train(self, mode: bool = True) -> ConditionalGenerator:
-        super().train(mode)
-        self.vqgan.eval()  # frozen towers never leave eval mode
-        return self
-
     def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         condition = self.vision.embed(batch["vision_pixels"]).unsqueeze(1)
         return {"loss": self.generator.loss(condition, self.vqgan.encode_to_codes(batch["vqgan_pixels"]))}
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        losses = self.losses(batch)
-        bs = len(batch["vision_pixels"])
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=bs)
-        return losses["loss"]
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses = self.losses(batch)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["vision_pixels"]))
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        params = [p for p in self.generator.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        return warmup_cosine(torch.optim.AdamW(groups, lr=h.lr), self.trainer, h.warmup_steps, h.min_lr_ratio)
 
     def on_train_end(self) -> None:
         if self.hparams.export_path and self.trainer.is_global_zero:

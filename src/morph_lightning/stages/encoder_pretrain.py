@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,7 +33,7 @@ from morph_lightning.modeling.sequence import IGNORE
 from morph_lightning.modeling.text_tokenizer import byte_level_tokenizer
 from morph_lightning.modeling.vision import VisionBackbone
 from morph_lightning.modeling.vqgan import VQGAN
-from morph_lightning.stages.schedule import warmup_cosine
+from morph_lightning.stages.pretrain_base import PretrainOverTowers
 
 
 class TokenReader(nn.Module):
@@ -82,7 +81,7 @@ class CaptionHead(TokenReader):
         return self.read(h, z_q, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=pad)
 
 
-class EncoderPretrain(L.LightningModule):
+class EncoderPretrain(PretrainOverTowers):
     def __init__(
         self,
         vision: VisionSection,
@@ -147,11 +146,6 @@ class EncoderPretrain(L.LightningModule):
             max_caption_tokens,
         )
 
-    def train(self, mode: bool = True) -> EncoderPretrain:
-        super().train(mode)
-        self.vqgan.eval()  # frozen towers never leave eval mode
-        return self
-
     def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         enc: EncoderOutput = self.encoder(self.vision(batch["vision_pixels"]))
         if "vqgan_codes" in batch:
@@ -187,26 +181,6 @@ class EncoderPretrain(L.LightningModule):
         logits = self.caption_head(z_q, ids[:, :-1], pad[:, :-1])
         target = ids[:, 1:].masked_fill(pad[:, 1:], IGNORE)
         return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        losses = self.losses(batch)
-        bs = len(batch["vision_pixels"])
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=bs)
-        return losses["loss"]
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses = self.losses(batch)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["vision_pixels"]))
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        opt = torch.optim.AdamW(groups, lr=h.lr)
-        return warmup_cosine(opt, self.trainer, h.warmup_steps, h.min_lr_ratio)
 
     def on_train_end(self) -> None:
         if self.hparams.export_path and self.trainer.is_global_zero:
