@@ -25,6 +25,9 @@ class EncoderOutput:
     quant_loss: Tensor | None = None  # the quantizer's terms; None without a quantizer
     perplexity: Tensor | None = None
     usage: Tensor | None = None
+    # [B, D] the vision tower's embedding of each image (`VisionBackbone.pool` of the tokens the encoder
+    # read), set by `MorphModel.encode_images`: abstr-abstr (SD)'s regression target, at no extra pass
+    image_embedding: Tensor | None = None
 
 
 class MorphEncoder(nn.Module):

@@ -117,8 +117,12 @@ class MorphModel(nn.Module):
 
     # ---- towers -------------------------------------------------------------------------------
     def encode_images(self, vision_pixels: torch.Tensor) -> EncoderOutput:
-        """Images (normalised for the vision tower) -> pre-MLLM morph tokens M."""
-        return self.encoder(self.vision(vision_pixels))
+        """Images (normalised for the vision tower) -> pre-MLLM morph tokens M (and the tower's embedding
+        of each image)."""
+        tokens = self.vision(vision_pixels)
+        enc = self.encoder(tokens)
+        enc.image_embedding = self.vision.pool(tokens)
+        return enc
 
     @torch.no_grad()
     def vqgan_codes(self, vqgan_pixels: torch.Tensor) -> torch.Tensor:
@@ -142,12 +146,6 @@ class MorphModel(nn.Module):
         labels = batch.labels if with_loss else None
         return self.llm(embeds, attention_mask=mask, position_ids=batch.position_ids, labels=labels)
 
-    @torch.no_grad()
-    def image_embedding(self, vision_pixels: torch.Tensor) -> torch.Tensor:
-        """The frozen image tower's embedding of each image [N, D]: what the generator of
-        `post_mllm: embedding` is conditioned on, and what M̂ regresses there."""
-        return self.vision.embed(vision_pixels)
-
     def decoder_input(self, mhat: torch.Tensor) -> torch.Tensor:
         """What the decoder reads for M̂ [K, 32, H]: M̂ itself, or with `post_mllm: embedding` the
         condition embedding regressed from it [K, 1, D] (the mean of its rows, mapped linearly)."""
@@ -160,8 +158,9 @@ class MorphModel(nn.Module):
     ) -> torch.Tensor:
         """M̂ [K, 32, D] of each target image: read at the positions that emit its morph tokens."""
         n = self.num_tokens
+        hidden = torch.stack([out.hidden[b, p : p + n] for b, p, _ in targets])
         if self.post_mllm in ("hidden", "embedding"):
-            return torch.stack([out.hidden[b, p : p + n] for b, p, _ in targets])
+            return hidden
         if self.post_mllm == "tied":
             # abstr-abstr (VQ): M̂ is M, the target image's own morph tokens (their straight-through z_q,
             # the vectors the LLM reads for them). Nothing of the decoder's loss reaches the LLM, which
@@ -173,7 +172,6 @@ class MorphModel(nn.Module):
         # straight-through Gumbel-softmax over the morph logits.
         off = self.vocab.morph_offset
         if out.logits is None:  # a chunked loss kept no logits: the head again, at these positions only
-            hidden = torch.stack([out.hidden[b, p : p + n] for b, p, _ in targets])
             logits = self.llm.head(hidden)[..., off:]
         else:
             logits = torch.stack([out.logits[b, p : p + n, off:] for b, p, _ in targets])
@@ -227,7 +225,7 @@ def load_generator(c: MorphModelConfig, condition_dim: int, vqgan: VQGAN) -> Mor
         if not Path(c.generator_checkpoint).is_file():
             raise FileNotFoundError(
                 f"model.generator_checkpoint: {c.generator_checkpoint} not found (the stage-0 conditional "
-                "generator writes it: configs/world/stage0_generator.yaml)"
+                "generator exports it: [world/]stage0_generator.yaml's export_path)"
             )
         try:
             generator.load_state_dict(load_file(c.generator_checkpoint))

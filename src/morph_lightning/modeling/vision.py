@@ -241,10 +241,15 @@ class VisionBackbone(nn.Module):
         return x.squeeze(0) if unbatched else x
 
     # ------------------------------------------------------------------ forward
+    @staticmethod
+    def pool(tokens: Tensor) -> Tensor:
+        """Tokens [B, N, D] -> one embedding per image [B, D]: their mean (a CLIP-style image embedding;
+        the world's image tower was trained contrastively on exactly this mean)."""
+        return tokens.mean(1)
+
     def embed(self, pixels: Tensor) -> Tensor:
-        """One embedding per image [B, out_dim]: the mean of its tokens (a CLIP-style image embedding; the
-        world's image tower was trained contrastively on exactly this mean)."""
-        return self(pixels).mean(1)
+        """One embedding per image [B, out_dim]: `pool` of its tokens."""
+        return self.pool(self(pixels))
 
     def forward(self, pixels: Tensor) -> Tensor:
         """``pixels`` (already normalised, ``[B,3,S,S]``) -> tokens ``[B, num_tokens, out_dim]``."""

@@ -194,14 +194,14 @@ class MorphStage(L.LightningModule):
         index = torch.tensor([i for _, _, i in seq.targets], device=self.device)
         return self.model.decoder_loss(mhat, self.vqgan_codes(batch, index))
 
-    def embedding_term(self, seq: SequenceBatch, out: LLMOutput, batch: dict[str, Any]) -> torch.Tensor:
+    def embedding_term(self, seq: SequenceBatch, out: LLMOutput, enc: EncoderOutput) -> torch.Tensor:
         """abstr-abstr (SD): the MSE of the condition embedding regressed from each target image's M̂
         against the frozen image tower's embedding of that image, which its generator was trained on."""
         if not seq.targets:
             return torch.zeros((), device=self.device)
         mhat = self.model.post_mllm_tokens(out, seq.targets)
         index = torch.tensor([i for _, _, i in seq.targets], device=self.device)
-        target = self.model.image_embedding(batch["vision_pixels"][index])
+        target = enc.image_embedding[index].detach()
         return F.mse_loss(self.model.decoder_input(mhat).squeeze(1).float(), target.float())
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -220,7 +220,7 @@ class MorphStage(L.LightningModule):
         if self.model.decoder is None:
             terms["code_ce"] = tok["code_ce"]
         elif self.model.post_mllm == "embedding":
-            terms["embed_mse"] = self.embedding_term(seq, out, batch)
+            terms["embed_mse"] = self.embedding_term(seq, out, enc)
         else:
             terms["decoder_ce"] = self.decoder_term(seq, out, batch, enc)
         terms.update({k: tok[k] for k in ("morph_ce", "morph_mse") if k in tok})
