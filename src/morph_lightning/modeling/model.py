@@ -158,9 +158,12 @@ class MorphModel(nn.Module):
     ) -> torch.Tensor:
         """M̂ [K, 32, D] of each target image: read at the positions that emit its morph tokens."""
         n = self.num_tokens
-        hidden = torch.stack([out.hidden[b, p : p + n] for b, p, _ in targets])
+
+        def at_targets(per_position: torch.Tensor) -> torch.Tensor:  # [B, T, ...] -> [K, 32, ...]
+            return torch.stack([per_position[b, p : p + n] for b, p, _ in targets])
+
         if self.post_mllm in ("hidden", "embedding"):
-            return hidden
+            return at_targets(out.hidden)
         if self.post_mllm == "tied":
             # abstr-abstr (VQ): M̂ is M, the target image's own morph tokens (their straight-through z_q,
             # the vectors the LLM reads for them). Nothing of the decoder's loss reaches the LLM, which
@@ -171,10 +174,11 @@ class MorphModel(nn.Module):
         # 'codes': the released inference path (ids -> codebook vectors), made differentiable with a
         # straight-through Gumbel-softmax over the morph logits.
         off = self.vocab.morph_offset
-        if out.logits is None:  # a chunked loss kept no logits: the head again, at these positions only
-            logits = self.llm.head(hidden)[..., off:]
+        # A chunked loss kept no logits: the head again, at these positions only.
+        if out.logits is None:
+            logits = self.llm.head(at_targets(out.hidden))[..., off:]
         else:
-            logits = torch.stack([out.logits[b, p : p + n, off:] for b, p, _ in targets])
+            logits = at_targets(out.logits[..., off:])
         one_hot = F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True)
         return one_hot @ self.encoder.quantizer.codebook
 
