@@ -82,8 +82,8 @@ def build_model(p: dict, device: str, dtype: str) -> MorphModel:
     eos = model.llm.tokenizer.eos_token_id
     head = model.llm.head
 
-    def no_end(hidden: torch.Tensor) -> torch.Tensor:  # every row generates the same number of tokens
-        logits = head(hidden)
+    def no_end(hidden: torch.Tensor, text: bool = True) -> torch.Tensor:  # every row: as many tokens
+        logits = head(hidden, text)
         logits[..., eos] = float("-inf")
         return logits
 

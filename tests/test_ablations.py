@@ -407,7 +407,7 @@ def test_rows_keep_image_tokens_out_of_text_and_other_tokens_out_of_images(row, 
     v, head = model.vocab, model.llm.head
     ids = torch.arange(v.size)
     bias = 100.0 * (ids >= v.morph_offset) + 200.0 * (ids == v.img_end)
-    monkeypatch.setattr(model.llm, "head", lambda h: head(h) + bias.to(h.dtype))
+    monkeypatch.setattr(model.llm, "head", lambda h, text=True: head(h, text) + bias.to(h.dtype))
     written = _written_ids(monkeypatch)
     n, extra = generation.image_length(model), 4
     greedy = {"temperature": 0.0, "image_temperature": 0.0, "start_image": True}

@@ -42,8 +42,8 @@ def draws_images(monkeypatch):
     `--max-new-tokens IMAGE_TOKENS` every answer is exactly one image."""
     real = MorphLLM.head
 
-    def head(self, hidden):
-        logits = real(self, hidden)
+    def head(self, hidden, text=True):
+        logits = real(self, hidden, text)
         logits[..., self.vocab.img_start] += 100.0
         logits[..., self.vocab.img_end] -= 100.0
         return logits

@@ -59,3 +59,17 @@ def test_morph_positions_embed_their_vectors():
     torch.testing.assert_close(emb[0, 1], llm.new_embed.weight[0])
     emb[0, 2].sum().backward()
     assert vec.grad[0, 2].abs().sum() > 0 and vec.grad[0, 1].abs().sum() == 0
+
+
+def test_head_without_text_rows_leaves_them_out_and_the_new_rows_as_they_are():
+    """Generation inside an image skips the base head: text ids -inf, every new id's logit unchanged."""
+    llm = MorphLLM(
+        name_or_path=None, config={"model_type": "llama", **TINY}, num_morph_tokens=5, code_dim=4, lora_r=0
+    )
+    hidden = torch.randn(2, 3, TINY["hidden_size"])
+    with torch.no_grad():
+        full, image = llm.head(hidden), llm.head(hidden, text=False)
+    text = llm.vocab.text_size
+    assert image.shape == full.shape == (2, 3, llm.vocab.size)
+    assert torch.isneginf(image[..., :text]).all()
+    torch.testing.assert_close(image[..., text:], full[..., text:])

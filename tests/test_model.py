@@ -72,12 +72,10 @@ class _Scripted:
         ]
         self.real = model.llm.head
 
-    def __call__(self, hidden):
-        logits = self.real(hidden)
-        if logits.shape[1] == 1 or self.step == 0:  # one decode step (or the prompt's forward)
-            logits = torch.zeros_like(logits)
-            logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 100.0
-            self.step += 1
+    def __call__(self, hidden, text=True):  # generation calls it once a step, on the last position
+        logits = torch.zeros_like(self.real(hidden, text))
+        logits[..., self.script[min(self.step, len(self.script) - 1)]] = 100.0
+        self.step += 1
         return logits
 
 

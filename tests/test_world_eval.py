@@ -77,8 +77,8 @@ def _favour(model: MorphModel, token: int) -> None:
     """Make the LLM emit `token` wherever it is allowed (<img> is masked inside images, </s> too)."""
     real = model.llm.head
 
-    def head(hidden):
-        logits = real(hidden).clone()
+    def head(hidden, text=True):
+        logits = real(hidden, text).clone()
         logits[..., token] += 1e4
         return logits
 

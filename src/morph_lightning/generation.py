@@ -119,16 +119,18 @@ def generate(
     # static cache is given all of it (its shapes never change), the others the part filled so far.
     mask = F.pad(batch.attention_mask, (0, max_new_tokens))
 
-    def llm_step(inputs: Tensor, positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The last position's hidden state, logits and regressed continuous token (None without one);
-        the cache takes in the inputs' keys and values."""
-        out = model.llm(inputs, mask, positions, past_key_values=past, use_cache=past is not None)
-        return out.hidden[:, -1], out.logits[:, -1], None if out.vectors is None else out.vectors[:, -1]
+    def llm_step(inputs: Tensor, positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The last position's hidden state and regressed continuous token (None without one); the cache
+        takes in the inputs' keys and values. The logits are `head`'s, on that position alone."""
+        out = model.llm(
+            inputs, mask, positions, past_key_values=past, use_cache=past is not None, with_logits=False
+        )
+        return out.hidden[:, -1], None if out.vectors is None else out.vectors[:, -1]
 
     # The LLM's inputs this step: every input so far without a cache, the new token's with one.
     inputs = model.llm.embed(batch.input_ids, model.morph_vectors(batch, enc))
     positions = batch.position_ids
-    hidden, logits, vectors = llm_step(inputs, positions, mask if static else mask[:, :filled])  # the prompt
+    hidden, vectors = llm_step(inputs, positions, mask if static else mask[:, :filled])  # the prompt
     step = compile_step(llm_step, device) if compile else llm_step
     in_image = torch.zeros(rows, dtype=torch.bool, device=device)
     count = torch.zeros(rows, dtype=torch.long, device=device)
@@ -141,6 +143,8 @@ def generate(
     quantizer = getattr(model.encoder, "quantizer", None)
     codebook = None if quantizer is None else quantizer.codebook
     for i in range(max_new_tokens):
+        # Inside an image no text id may follow, so the base model's head is not run for it.
+        logits = model.llm.head(hidden, text=not bool(in_image.all()))
         logits = logits.float().masked_fill(~_allowed_mask(model, in_image, count), float("-inf"))
         text_next = sample_next(logits, temperature, top_k, top_p, generator)
         image_next = sample_next(logits, image_temperature, image_top_k, None, generator)
@@ -191,7 +195,7 @@ def generate(
             positions = torch.cat([positions, step_positions], dim=1)
         else:
             inputs, positions = embeds, step_positions
-        hidden, logits, vectors = step(inputs, positions, mask if static else mask[:, :filled])
+        hidden, vectors = step(inputs, positions, mask if static else mask[:, :filled])
 
     images: list[list[int]] = [[] for _ in range(rows)]
     pixels = None

@@ -67,7 +67,7 @@ def shard_morph_model(
     fully_shard(model.llm, mesh=mesh, mp_policy=policy)
     # Methods that read a root's own weights without going through its forward.
     register_fsdp_forward_method(model.llm, "embed")
-    register_fsdp_forward_method(model.llm, "head")  # M̂'s logits when a chunked loss kept none
+    register_fsdp_forward_method(model.llm, "head")  # after a chunked loss (M̂'s logits); generation
     if model.condition_head is not None:  # abstr-abstr (SD): trained, outside the other roots
         fully_shard(model.condition_head, mesh=mesh, mp_policy=policy)
     if decoder is not None:

@@ -158,9 +158,14 @@ class MorphLLM(nn.Module):
             raise ValueError("morph ids in the sequence but no morph vectors given")
         return out
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        text = self.hf.get_output_embeddings()(hidden)[..., : self.vocab.text_size]
-        return torch.cat([text, self.new_head(hidden.to(self.new_head.weight.dtype)).to(text.dtype)], dim=-1)
+    def head(self, hidden: torch.Tensor, text: bool = True) -> torch.Tensor:
+        """Logits over the whole vocabulary. `text=False` skips the base model's head (most of the weights
+        read per decoding step) and gives its rows -inf: inside an image, where no text id may follow."""
+        new = self.new_head(hidden.to(self.new_head.weight.dtype))
+        if not text:
+            return F.pad(new.to(hidden.dtype), (self.vocab.text_size, 0), value=float("-inf"))
+        text_logits = self.hf.get_output_embeddings()(hidden)[..., : self.vocab.text_size]
+        return torch.cat([text_logits, new.to(text_logits.dtype)], dim=-1)
 
     def forward(
         self,
@@ -170,9 +175,11 @@ class MorphLLM(nn.Module):
         past_key_values: object | None = None,
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
+        with_logits: bool = True,
     ) -> LLMOutput:
         """The hidden states and logits of `inputs_embeds`; with `labels` [B, T] (IGNORE where none) also
-        each position's cross-entropy, and with `loss_chunk` that alone, the logits left out."""
+        each position's cross-entropy, and with `loss_chunk` that alone, the logits left out.
+        `with_logits=False` leaves them out too: generation runs `head` on the last position only."""
         out = self.stack(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -183,7 +190,7 @@ class MorphLLM(nn.Module):
         hidden = out.last_hidden_state
         # Inside forward, so that a sharded LLM has its weights gathered for it.
         vectors = None if self.morph_out is None else self.morph_out(hidden.to(self.morph_out.weight.dtype))
-        logits = self.head(hidden) if labels is None or self.loss_chunk is None else None
+        logits = self.head(hidden) if with_logits and (labels is None or self.loss_chunk is None) else None
         token_ce = None
         if labels is not None:
             token_ce = self._token_ce(hidden, labels) if logits is None else _ce(logits, labels)
