@@ -31,6 +31,7 @@ def test_rows_train_evaluate_resume_and_table(tmp_path, monkeypatch, capsys):
     ablations.main(argv)  # all done: nothing trains again
     out = capsys.readouterr().out
     assert out.count("done before, skipped") == 7 and "resuming" not in out
+    assert "[ablations] row" not in out  # no step timed as if it had run
 
     table = json.loads(Path("ablations_out/table.json").read_text())
     assert table["seeds"] == [0] and table["metrics"][-1] == ablations.EDIT_L1

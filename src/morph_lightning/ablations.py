@@ -96,9 +96,11 @@ def run_one(row: str, seed: int, out: Path, max_steps: int | None, limit: int) -
     steps = stages(row, seed)
     try:
         for step in steps:
+            trained_before = (step.run_dir / "DONE").exists()  # run_step says "done before, skipped"
             seconds = run_step(step, max_steps, tag="ablations")
-            shown = "time unknown" if seconds is None else f"{seconds:.0f} s"
-            print(f"[ablations] row {row} seed {seed} {step.run_dir.name}: {shown}")
+            if not trained_before:
+                shown = "time unknown" if seconds is None else f"{seconds:.0f} s"
+                print(f"[ablations] row {row} seed {seed} {step.run_dir.name}: {shown}")
     except (Exception, SystemExit) as err:  # the CLI ends a failed fit with SystemExit
         return {"error": f"training: {reason(err)}"}
     try:
