@@ -55,12 +55,6 @@ def _answer_images(out: GenerationOutput, blank: Tensor) -> Tensor:
     return torch.stack([out.pixels[idx[0]].to(blank.dtype) if idx else blank for idx in out.images])
 
 
-def draw(model: MorphModel, mhat: Tensor) -> Tensor:
-    """M̂ [K, 32, D] -> images [K, 3, R, R] in [-1, 1]: the decoder's greedy codes, through the VQGAN."""
-    codes = model.decoder.generate(model.decoder_input(mhat).to(model.decoder_dtype), temperature=0.0)
-    return model.vqgan.decode_codes(codes).clamp(-1, 1)
-
-
 class ImageLogger(Callback):
     def __init__(
         self,
@@ -148,7 +142,7 @@ class ImageLogger(Callback):
         # With `post_mllm: codes` this is the training path's straight-through Gumbel sample.
         mhat = model.post_mllm_tokens(model.run_llm(seq, enc), targets, enc)
         images = batch["vqgan_pixels"][[i for _, _, i in targets]]
-        return images, draw(model, mhat)
+        return images, model.draw(mhat, temperature=0.0)
 
     def text_to_image(self, model: MorphModel, batch: dict[str, Any]) -> Tensor:
         """[P, 3, R, R]: one greedy image per prompt (a blank where the model drew none)."""

@@ -47,8 +47,12 @@ def fragment(row: str, world: bool = False) -> dict:
 def row_stage(row: str, stage: int, **model_overrides):
     """The row's stage at tiny size: the fragment's model options over the tiny model, its stage options."""
     init = fragment(row)
-    # abstr-abstr (SD): a random generator of the tiny decoder's size in place of the stage-0 export
-    own = {k: v for k, v in init.get("model", {}).items() if k != "generator_checkpoint"}
+    # abstr-abstr (SD): a random generator of the tiny decoder's size in place of the paper's unCLIP
+    own = {
+        k: v
+        for k, v in init.get("model", {}).items()
+        if k not in ("generator_checkpoint", "generator_pipeline")
+    }
     model = _merge(tiny_model_config(), {**own, **model_overrides})
     kwargs = {k: v for k, v in init.items() if k != "model"}
     return STAGES[stage][0](model=model, **kwargs)
@@ -523,8 +527,17 @@ def test_export_and_codebook_health_refuse_the_rows_without_a_codebook_in_one_li
 
 # ---- the fragments ---------------------------------------------------------------------------------
 def test_world_fragments_set_what_the_paper_fragments_set():
+    """The same options at both scales, but for abstr-abstr (SD)'s generator: the world's stage-0 one, the
+    paper's unCLIP pipeline."""
+    generators = ("generator_checkpoint", "generator_pipeline")
     for row in ROWS:
-        assert fragment(row, world=True) == fragment(row), row
+        world, paper = (copy.deepcopy(fragment(row, world)) for world in (True, False))
+        for f in (world, paper):
+            for key in generators:
+                f.get("model", {}).pop(key, None)
+        assert world == paper, row
+    assert "generator_checkpoint" in fragment("abstr_abstr_sd", world=True)["model"]
+    assert "generator_pipeline" in fragment("abstr_abstr_sd")["model"]
 
 
 @pytest.mark.parametrize("world", [False, True])
@@ -544,16 +557,14 @@ def test_each_fragment_parses_over_each_stage(row, world, capsys, tmp_path, monk
         assert _merge(init, fragment(row, world)) == init, (row, stage)
 
 
-@pytest.mark.parametrize("world", [False, True])
-def test_the_generator_config_shares_the_rows_towers_decoder_and_path(world, capsys, tmp_path, monkeypatch):
-    """`[world/]stage0_generator.yaml` parses; its towers and decoder sizes are the row's (so its export
-    fits the row's frozen generator), and it exports where the row's fragment reads."""
+def test_the_generator_config_shares_the_rows_towers_decoder_and_path(capsys, tmp_path, monkeypatch):
+    """`world/stage0_generator.yaml` parses; its towers and decoder sizes are the world row's (so its
+    export fits the row's frozen generator), and it exports where the row's fragment reads."""
     monkeypatch.chdir(tmp_path)
-    scale = "world/" if world else ""
     parsed = {}
     for name, args in {
-        "generator": ["--config", f"{scale}stage0_generator.yaml"],
-        "row": ["--config", f"{scale}stage2.yaml", "--config", f"{scale}ablations/abstr_abstr_sd.yaml"],
+        "generator": ["--config", "world/stage0_generator.yaml"],
+        "row": ["--config", "world/stage2.yaml", "--config", "world/ablations/abstr_abstr_sd.yaml"],
     }.items():
         with pytest.raises(SystemExit) as exc:
             main(["fit", *args, "--print_config"])

@@ -10,7 +10,7 @@ from torch import nn
 
 from morph_lightning.callbacks import CodebookMonitor, ImageLogger, MorphThroughputMonitor
 from morph_lightning.callbacks.codebook_monitor import codebook_summary
-from morph_lightning.callbacks.image_logger import draw, eval_mode
+from morph_lightning.callbacks.image_logger import eval_mode
 from morph_lightning.callbacks.tensorboard import tensorboard_writer
 from morph_lightning.callbacks.throughput import flops_per_token
 from morph_lightning.data_modules.toy import ToyDataModule
@@ -88,7 +88,7 @@ def test_reconstructions_draw_from_the_mhat_the_stage2_loss_trains(tiny_cfg, mon
     with torch.no_grad():
         stage.losses(batch)
         images, drawn = ImageLogger(num_images=3).reconstructions(stage, batch)
-        expected = draw(stage.model, seen["mhat"][:3])
+        expected = stage.model.draw(seen["mhat"][:3], temperature=0.0)
     monkeypatch.setattr(stage.model, "decoder_loss", real)
     assert torch.equal(images, batch["vqgan_pixels"][:3])
     torch.testing.assert_close(drawn, expected)

@@ -201,18 +201,7 @@ def generate(
     pixels = None
     if finished_images:
         drawn = torch.stack([m for _, m in finished_images])
-        if writes_codes:  # the LLM wrote X itself: no decoder
-            x = drawn
-        else:
-            x = model.decoder.generate(
-                model.decoder_input(drawn).to(model.decoder_dtype),
-                temperature=image_temperature,
-                top_k=image_top_k,
-                generator=generator,
-                cache=cache,
-                compile=compile,
-            )
-        pixels = model.vqgan.decode_codes(x).clamp(-1, 1)
+        pixels = model.draw(drawn, image_temperature, image_top_k, generator, cache, compile)
         for k, (b, _) in enumerate(finished_images):
             images[b].append(k)
     return GenerationOutput(texts=[_render(model, ids) for ids in generated], images=images, pixels=pixels)

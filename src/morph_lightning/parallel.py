@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from morph_lightning.modeling.decoder import MorphDecoder
 from morph_lightning.modeling.model import MorphModel
 
 
@@ -53,7 +54,9 @@ def shard_morph_model(
             raise ValueError("only data parallelism is supported: set tensor_parallel_size: 1")
         mesh = mesh["data_parallel"]
     policy = mixed_precision(precision)
-    decoder, encoder = model.decoder, model.encoder  # either may be absent in an ablation
+    # Either may be absent in an ablation; an unCLIP generator (frozen, diffusers' own networks) stays whole.
+    decoder = model.decoder if isinstance(model.decoder, MorphDecoder) else None
+    encoder = model.encoder
     for block in [*llm_layers(model), *(decoder.h if decoder is not None else [])]:
         if activation_checkpointing:
             checkpoint(block)  # composable: recomputes the block in backward, parameter names unchanged

@@ -75,6 +75,9 @@ class MorphModelConfig:
     # post_mllm: embedding: the stage-0 conditional generator's weights (stages/conditional_generator.py
     # exports them; the `decoder` section gives its sizes); None builds a random one.
     generator_checkpoint: str | None = None
+    # post_mllm: embedding at paper scale: a saved diffusers unCLIP pipeline (StableUnCLIPImg2ImgPipeline)
+    # in place of that generator; M̂ then regresses its CLIP image embedding (modeling/unclip.py).
+    generator_pipeline: str | None = None
     gumbel_tau: float = 1.0
 
 

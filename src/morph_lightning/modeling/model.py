@@ -22,6 +22,7 @@ from morph_lightning.modeling.encoder import EncoderOutput, build_encoder
 from morph_lightning.modeling.llm import LLMOutput, MorphLLM
 from morph_lightning.modeling.sequence import IGNORE, SequenceBatch
 from morph_lightning.modeling.tokens import MorphVocab
+from morph_lightning.modeling.unclip import UnCLIPGenerator
 from morph_lightning.modeling.vision import VisionBackbone
 from morph_lightning.modeling.vqgan import VQGAN
 
@@ -85,10 +86,21 @@ class MorphModel(nn.Module):
         self.decoder = None
         self.condition_head = None
         if c.post_mllm == "embedding":
-            # abstr-abstr (SD): a separately trained generator, frozen, draws X from one condition vector,
-            # the image tower's embedding; M̂ is mapped to it (`decoder_input`) and trained by MSE.
-            self.decoder = load_generator(c, self.vision.out_dim, self.vqgan)
-            self.condition_head = nn.Linear(self.llm.hidden_size, self.vision.out_dim)
+            # abstr-abstr (SD): a separately trained generator, frozen, draws an image from one condition
+            # vector; M̂ is mapped to it (`decoder_input`) and trained by MSE against the generator's own
+            # embedding of the target (`encode_images`). At paper scale an unCLIP Stable Diffusion on its
+            # CLIP image embedding; else the stage-0 generator of X on the image tower's embedding.
+            if c.generator_pipeline and c.generator_checkpoint:
+                raise ValueError(
+                    "model: generator_checkpoint and generator_pipeline are two generators; set one"
+                )
+            if c.generator_pipeline:
+                self.decoder = UnCLIPGenerator(c.generator_pipeline)
+                condition_dim = self.decoder.condition_dim
+            else:
+                self.decoder = load_generator(c, self.vision.out_dim, self.vqgan)
+                condition_dim = self.vision.out_dim
+            self.condition_head = nn.Linear(self.llm.hidden_size, condition_dim)
         elif c.post_mllm != "vqgan":
             prefix_dim = self.llm.hidden_size if c.post_mllm == "hidden" else self.encoder.code_dim
             self.decoder = MorphDecoder(
@@ -117,11 +129,14 @@ class MorphModel(nn.Module):
 
     # ---- towers -------------------------------------------------------------------------------
     def encode_images(self, vision_pixels: torch.Tensor) -> EncoderOutput:
-        """Images (normalised for the vision tower) -> pre-MLLM morph tokens M (and the tower's embedding
-        of each image)."""
+        """Images (normalised for the vision tower) -> pre-MLLM morph tokens M, and each image's embedding:
+        the tower's, or the unCLIP pipeline's (the condition abstr-abstr (SD) regresses)."""
         tokens = self.vision(vision_pixels)
         enc = self.encoder(tokens)
-        enc.image_embedding = self.vision.pool(tokens)
+        if isinstance(self.decoder, UnCLIPGenerator):  # its own image encoder's embedding
+            enc.image_embedding = self.decoder.embed(self.vision.denormalize(vision_pixels))
+        else:
+            enc.image_embedding = self.vision.pool(tokens)
         return enc
 
     @torch.no_grad()
@@ -192,6 +207,33 @@ class MorphModel(nn.Module):
         err = (out.vectors.float() - target.float()).pow(2).mean(-1)
         return (err * at).sum() / at.sum().clamp(min=1)  # a masked mean without a host sync
 
+    @torch.no_grad()
+    def draw(
+        self,
+        mhat: torch.Tensor,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        cache: str = "dynamic",
+        compile: bool = False,
+    ) -> torch.Tensor:
+        """Images [K, 3, R, R] in [-1, 1] from each image's post-MLLM tokens: M̂ [K, 32, D] through the
+        decoder (or the abstr-abstr (SD) generator) and the VQGAN, or with `post_mllm: vqgan` the codes X
+        [K, n] the LLM wrote, through the VQGAN alone. The options sample the decoder's codes."""
+        if isinstance(self.decoder, UnCLIPGenerator):
+            return self.decoder.draw(self.decoder_input(mhat), self.vqgan.resolution, generator)
+        codes = mhat
+        if self.decoder is not None:
+            codes = self.decoder.generate(
+                self.decoder_input(mhat).to(self.decoder_dtype),
+                temperature=temperature,
+                top_k=top_k,
+                generator=generator,
+                cache=cache,
+                compile=compile,
+            )
+        return self.vqgan.decode_codes(codes).clamp(-1, 1)
+
     def decoder_loss(self, mhat: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Eq. 6: cross-entropy of the decoder on X given M̂."""
         return self.decoder.loss(mhat.to(self.decoder_dtype), codes)
@@ -229,7 +271,7 @@ def load_generator(c: MorphModelConfig, condition_dim: int, vqgan: VQGAN) -> Mor
         if not Path(c.generator_checkpoint).is_file():
             raise FileNotFoundError(
                 f"model.generator_checkpoint: {c.generator_checkpoint} not found (the stage-0 conditional "
-                "generator exports it: [world/]stage0_generator.yaml's export_path)"
+                "generator exports it: world/stage0_generator.yaml's export_path)"
             )
         try:
             generator.load_state_dict(load_file(c.generator_checkpoint))

@@ -15,6 +15,7 @@ Nothing here downloads weights unless the user explicitly asks for a hub name wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -234,11 +235,14 @@ class VisionBackbone(nn.Module):
                 antialias=True,
                 align_corners=False,
             ).clamp_(0.0, 1.0)
-        # built per call (not buffers) so a bf16/fp16 cast of the module cannot degrade the statistics
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = channel_stats(self.mean, self.std, x.device)
         x = (x - mean) / std
         return x.squeeze(0) if unbatched else x
+
+    def denormalize(self, pixels: Tensor) -> Tensor:
+        """Model input [B, 3, S, S] back to images in [0, 1] (at the tower's size)."""
+        mean, std = channel_stats(self.mean, self.std, pixels.device)
+        return (pixels.float() * std + mean).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ forward
     @staticmethod
@@ -296,3 +300,10 @@ class VisionBackbone(nn.Module):
             return feats
         patches, prefix = feats
         return patches if prefix is None else torch.cat([prefix, patches], dim=1)
+
+
+def channel_stats(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-channel statistics as float32 [1, 3, 1, 1] tensors, built per call (not buffers) so that a
+    bf16/fp16 cast of a module cannot degrade them."""
+    shape = (1, 3, 1, 1)
+    return torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(shape)

@@ -241,6 +241,7 @@ class VQGAN(nn.Module):
         if num_res_blocks == 0 and any(m != 1 for m in ch_mult):
             # the encoder's resnet blocks are what change a level's width (as in taming, which also fails)
             raise ValueError(f"VQGAN: num_res_blocks 0 needs ch_mult of all 1s (got {list(ch_mult)})")
+        self.resolution = resolution  # of the images in and out
         self.latent_size = resolution // 2 ** (len(ch_mult) - 1)
         common = dict(
             ch=ch,
