@@ -215,6 +215,10 @@ def test_the_conditional_generator_trains_exports_and_loads_into_the_row(tmp_pat
     model = MorphModel({**cfg, "post_mllm": "embedding", "generator_checkpoint": str(path)})
     for name, weight in gen.generator.state_dict().items():
         torch.testing.assert_close(model.decoder.state_dict()[name], weight, msg=name)
+    with torch.no_grad():  # a later, different export moves the earlier one aside
+        gen.generator.lm_head.weight.add_(1.0)
+    gen.on_train_end()
+    assert len(list(tmp_path.glob("generator*.safetensors"))) == 2
     wider = {**cfg["decoder"], "n_embd": 2 * cfg["decoder"]["n_embd"]}
     with pytest.raises(ValueError, match="does not fit the decoder section") as err:
         MorphModel({**cfg, "decoder": wider, "post_mllm": "embedding", "generator_checkpoint": str(path)})

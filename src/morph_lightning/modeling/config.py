@@ -68,8 +68,8 @@ class MorphModelConfig:
     # What an image is in the LLM's input (pre-MLLM tokens) and what draws an image from its output
     # (post-MLLM tokens). The defaults are the paper's method; the other values build its ablations
     # (docs/ablations.md): `pre_mllm` continuous (no quantizer) or vqgan (VQGAN codes, no morph encoder);
-    # `post_mllm` tied (M̂ is M, abstr-abstr VQ), embedding (M̂ regresses the image tower's embedding, which
-    # a frozen conditional generator draws from: abstr-abstr SD) or vqgan (the LLM writes X, no decoder).
+    # `post_mllm` tied (M̂ is M, abstr-abstr VQ), embedding (M̂ regresses the condition embedding of a
+    # frozen conditional generator, which draws from it: abstr-abstr SD) or vqgan (the LLM writes X).
     pre_mllm: Literal["morph", "continuous", "vqgan"] = "morph"
     post_mllm: Literal["hidden", "codes", "tied", "embedding", "vqgan"] = "hidden"
     # post_mllm: embedding: the stage-0 conditional generator's weights (stages/conditional_generator.py

@@ -25,8 +25,9 @@ class EncoderOutput:
     quant_loss: Tensor | None = None  # the quantizer's terms; None without a quantizer
     perplexity: Tensor | None = None
     usage: Tensor | None = None
-    # [B, D] the vision tower's embedding of each image (`VisionBackbone.pool` of the tokens the encoder
-    # read), set by `MorphModel.encode_images`: abstr-abstr (SD)'s regression target, at no extra pass
+    # [B, D] abstr-abstr (SD)'s regression target, its generator's condition embedding of each image, set
+    # by `MorphModel.encode_images` for that row alone: the world's `VisionBackbone.pool` of the tokens the
+    # encoder read (no extra pass), or the unCLIP pipeline's CLIP embedding
     image_embedding: Tensor | None = None
 
 

@@ -71,8 +71,8 @@ class MorphLLM(nn.Module):
             raise ValueError(
                 f"llm.loss_chunk must be a positive number of positions or null, got {loss_chunk}"
             )
-        self.loss_chunk = loss_chunk
         super().__init__()
+        self.loss_chunk = loss_chunk
         torch_dtype = getattr(torch, dtype) if dtype else None
         if config is not None:  # a fresh random model, e.g. {"model_type": "llama", "hidden_size": 64, ...}
             config = dict(config)

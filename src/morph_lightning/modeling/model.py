@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from morph_lightning.modeling.config import MorphModelConfig, kwargs_of, parse_section
+from morph_lightning.modeling.config import DecoderSection, MorphModelConfig, kwargs_of, parse_section
 from morph_lightning.modeling.decoder import MorphDecoder
 from morph_lightning.modeling.encoder import EncoderOutput, build_encoder
 from morph_lightning.modeling.llm import LLMOutput, MorphLLM
@@ -129,13 +129,13 @@ class MorphModel(nn.Module):
 
     # ---- towers -------------------------------------------------------------------------------
     def encode_images(self, vision_pixels: torch.Tensor) -> EncoderOutput:
-        """Images (normalised for the vision tower) -> pre-MLLM morph tokens M, and each image's embedding:
-        the tower's, or the unCLIP pipeline's (the condition abstr-abstr (SD) regresses)."""
+        """Images (normalised for the vision tower) -> pre-MLLM morph tokens M; for abstr-abstr (SD) also
+        each image's condition embedding, which M̂ regresses: the tower's, or the unCLIP pipeline's."""
         tokens = self.vision(vision_pixels)
         enc = self.encoder(tokens)
         if isinstance(self.decoder, UnCLIPGenerator):  # its own image encoder's embedding
             enc.image_embedding = self.decoder.embed(self.vision.denormalize(vision_pixels))
-        else:
+        elif self.post_mllm == "embedding":
             enc.image_embedding = self.vision.pool(tokens)
         return enc
 
@@ -257,16 +257,21 @@ class MorphModel(nn.Module):
         return torch.cat([mhat, pad])
 
 
-def load_generator(c: MorphModelConfig, condition_dim: int, vqgan: VQGAN) -> MorphDecoder:
-    """The frozen conditional generator of `post_mllm: embedding`: a decoder over X with one prefix
-    vector, sized by the `decoder` section, its weights from `generator_checkpoint` (random without)."""
-    generator = MorphDecoder(
-        **kwargs_of(c.decoder),
+def build_generator(decoder: DecoderSection, vqgan: VQGAN, condition_dim: int) -> MorphDecoder:
+    """The world's conditional generator of `post_mllm: embedding`: a decoder over `vqgan`'s codes X,
+    sized by the `decoder` section, with one prefix vector, the condition (stage 0 trains it)."""
+    return MorphDecoder(
+        **kwargs_of(decoder),
         vocab_size=vqgan.codebook.shape[0],
         n_codes=vqgan.codes_per_image,
         n_prefix=1,
         prefix_dim=condition_dim,
     )
+
+
+def load_generator(c: MorphModelConfig, condition_dim: int, vqgan: VQGAN) -> MorphDecoder:
+    """`build_generator`, frozen, its weights from `generator_checkpoint` (random without)."""
+    generator = build_generator(c.decoder, vqgan, condition_dim)
     if c.generator_checkpoint:
         if not Path(c.generator_checkpoint).is_file():
             raise FileNotFoundError(

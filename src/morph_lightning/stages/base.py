@@ -196,7 +196,7 @@ class MorphStage(L.LightningModule):
 
     def embedding_term(self, seq: SequenceBatch, out: LLMOutput, enc: EncoderOutput) -> torch.Tensor:
         """abstr-abstr (SD): the MSE of the condition embedding regressed from each target image's M̂
-        against the frozen image tower's embedding of that image, which its generator was trained on."""
+        against its frozen generator's condition embedding of that image (`EncoderOutput.image_embedding`)."""
         if not seq.targets:
             return torch.zeros((), device=self.device)
         mhat = self.model.post_mllm_tokens(out, seq.targets)

@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
+from morph_lightning.evaluation.runner import write_atomic
 from morph_lightning.modeling.config import (
     DecoderSection,
     VisionSection,
@@ -23,7 +24,7 @@ from morph_lightning.modeling.config import (
     kwargs_of,
     parse_section,
 )
-from morph_lightning.modeling.decoder import MorphDecoder
+from morph_lightning.modeling.model import build_generator
 from morph_lightning.modeling.vision import VisionBackbone
 from morph_lightning.modeling.vqgan import VQGAN
 from morph_lightning.stages.pretrain_base import PretrainOverTowers
@@ -56,13 +57,7 @@ class ConditionalGenerator(PretrainOverTowers):
         self.hparams.update({name: kwargs_of(section) for name, section in sections.items()})
         self.vision = VisionBackbone(**kwargs_of(sections["vision"]))
         self.vqgan = VQGAN.frozen(vqgan_checkpoint, **kwargs_of(sections["vqgan"]))
-        self.generator = MorphDecoder(
-            **kwargs_of(sections["decoder"]),
-            vocab_size=self.vqgan.codebook.shape[0],
-            n_codes=self.vqgan.codes_per_image,
-            n_prefix=1,
-            prefix_dim=self.vision.out_dim,
-        )
+        self.generator = build_generator(sections["decoder"], self.vqgan, self.vision.out_dim)
 
     def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         condition = self.vision.embed(batch["vision_pixels"]).unsqueeze(1)
@@ -72,6 +67,5 @@ class ConditionalGenerator(PretrainOverTowers):
         if self.hparams.export_path and self.trainer.is_global_zero:
             path = Path(self.hparams.export_path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({k: v.contiguous() for k, v in self.generator.state_dict().items()}, str(tmp))
-            tmp.replace(path)
+            # whole or not at all; an earlier, different export is moved aside, not overwritten
+            write_atomic(path, save({k: v.contiguous() for k, v in self.generator.state_dict().items()}))
